@@ -1,0 +1,133 @@
+//! whet's engine: Tinker's training contract in process, on candle.
+//!
+//! - [`loader`] finds and reads models (Hugging Face directories, GGUF files, the hub cache);
+//! - [`model`] is the Llama-family decoder with LoRA at each projection;
+//! - [`session::TrainingSession`] implements `TrainingClient` (forward, forward_backward,
+//!   optim_step, save/load state, save_weights_for_sampler);
+//! - [`sampler::Sampler`] implements `SamplingClient`;
+//! - [`merge`] folds an adapter into the base weights and writes a plain HF directory.
+//!
+//! Numerics: f32 everywhere on CPU.
+
+pub mod batch;
+pub mod config;
+pub mod loader;
+pub mod losses;
+pub mod merge;
+pub mod model;
+pub mod ops;
+pub mod sampler;
+pub mod session;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use whet_contract::ContractError;
+use whet_lora::{LoraAdapter, LoraError};
+
+pub use config::{Architecture, ModelConfig};
+pub use loader::ModelSource;
+pub use model::Model;
+pub use sampler::{Detokenize, Sampler, SamplerOptions};
+pub use session::TrainingSession;
+
+/// Errors of the engine; each names the file, tensor or field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A file could not be found or read.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// A model config that does not hold together.
+    #[error("{0}")]
+    Config(String),
+    /// A model or option whet does not support.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A weight the model needs is absent.
+    #[error("missing tensor {0}")]
+    MissingTensor(String),
+    /// A weight the model does not use.
+    #[error("unexpected tensor {0}")]
+    UnexpectedTensor(String),
+    /// A weight of the wrong shape.
+    #[error("tensor {tensor}: expected shape {expected:?}, found {found:?}")]
+    Shape {
+        /// The tensor.
+        tensor: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape found.
+        found: Vec<usize>,
+    },
+    /// A request field that is invalid.
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        /// The field (`data[2].loss_fn_inputs.target_tokens`).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An adapter or optimizer error.
+    #[error(transparent)]
+    Lora(#[from] LoraError),
+    /// A tensor operation failed.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A broken internal invariant.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<EngineError> for ContractError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Invalid { field, message } => {
+                ContractError::InvalidInput { field, message }
+            }
+            EngineError::Unsupported(m) => ContractError::Unsupported(m),
+            EngineError::Io { path, message } => ContractError::Io { path, message },
+            other => ContractError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Loads a base model from what a user typed (directory, `.gguf`, hub id) onto `device`.
+pub fn load_model(spec: &str, device: &Device) -> Result<(ModelSource, Arc<Model>), EngineError> {
+    let source = ModelSource::resolve(spec)?;
+    let weights = loader::load(&source, device)?;
+    let model = Model::from_weights(weights, device).map_err(|e| in_source(e, &source))?;
+    Ok((source, Arc::new(model)))
+}
+
+fn in_source(e: EngineError, source: &ModelSource) -> EngineError {
+    let at = source.tokenizer_path().display();
+    match e {
+        EngineError::MissingTensor(t) => EngineError::MissingTensor(format!("{t} in {at}")),
+        EngineError::UnexpectedTensor(t) => EngineError::UnexpectedTensor(format!("{t} in {at}")),
+        EngineError::Shape {
+            tensor,
+            expected,
+            found,
+        } => EngineError::Shape {
+            tensor: format!("{tensor} in {at}"),
+            expected,
+            found,
+        },
+        other => other,
+    }
+}
+
+/// Loads a PEFT adapter directory for `model`, checking its shapes against the model.
+pub fn load_adapter(model: &Model, dir: &Path) -> Result<LoraAdapter, EngineError> {
+    Ok(whet_lora::peft::load_peft_adapter(
+        dir,
+        &model.site_shapes(),
+        model.device(),
+    )?)
+}

@@ -1,0 +1,308 @@
+//! The differentiable operations the decoder is built from.
+//!
+//! Traps avoided here (see candle-notes): candle's fused `softmax_last_dim`, `rms_norm` and
+//! `rope` cut the autograd graph silently, so these are composed from core ops or given an
+//! explicit backward; and candle's matmul backward computes a gradient for *both* operands,
+//! so a frozen weight would cost a weight-sized GEMM per step — [`frozen_linear`] gives the
+//! input its gradient and nothing else.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::EngineError;
+
+type Result<T> = std::result::Result<T, EngineError>;
+
+/// Returns the contiguous f32 slice behind a CPU tensor's storage and layout.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("expected a contiguous tensor"),
+    }
+}
+
+/// Identity on its first argument (a value computed outside the graph); its backward gives
+/// the second argument (`x`) the gradient `grad · W`. This attaches `y = x·Wᵀ` to the graph
+/// without ever computing the gradient of the frozen `W`.
+struct FrozenMatmulGrad {
+    w: Tensor,
+}
+
+impl CustomOp2 for FrozenMatmulGrad {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1)?;
+        Ok((CpuStorage::F32(y.to_vec()), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // d(x·Wᵀ)/dx = grad · W  — (N, out)·(out, in) = (N, in).
+        Ok((None, Some(grad_res.matmul(&self.w)?)))
+    }
+}
+
+/// `x·Wᵀ (+ b)` for a frozen weight `W: (out, in)`: the gradient flows to `x` only.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = if x.track_op() {
+        let value = x.detach().matmul(&w.t()?)?;
+        value.apply_op2(x, FrozenMatmulGrad { w: w.clone() })?
+    } else {
+        x.matmul(&w.t()?)?
+    };
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · w`, composed from core ops
+/// so the gradient reaches `x`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dimension, composed from core ops (candle's fused one has no
+/// backward). The max is detached: it only stabilises and cancels in the gradient.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+/// RoPE in Hugging Face's rotate-half layout on `x: (N, heads, head_dim)` with `cos, sin:
+/// (N, head_dim/2)` for each row's position: `x·cos + rotate_half(x)·sin`, where the angle
+/// table is the half table repeated and `rotate_half([a, b]) = [−b, a]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let cos = cos.unsqueeze(1)?;
+    let sin = sin.unsqueeze(1)?;
+    // [a, b]·[cos, cos] + [−b, a]·[sin, sin] = [a·cos − b·sin, b·cos + a·sin]
+    let out1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let out2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Ok(Tensor::cat(&[&out1, &out2], D::Minus1)?)
+}
+
+/// The angle tables for RoPE at the given positions: `(cos, sin)`, each `(N, head_dim/2)`,
+/// computed in f32 as transformers does (`position · inv_freq`, then cos/sin).
+pub fn rope_tables(
+    inv_freq: &[f32],
+    positions: &[u32],
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        for &f in inv_freq {
+            let angle = p as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (positions.len(), half), device)?,
+        Tensor::from_vec(sin, (positions.len(), half), device)?,
+    ))
+}
+
+/// Row-wise log-sum-exp of a `(rows, vocab)` slice, accumulated in f64.
+fn row_lse(row: &[f32]) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// `log_softmax(logits)[i, targets[i]]` for each row, with its own backward
+/// (`grad_i · (onehot(target_i) − softmax_i)`), so no `(rows, vocab)` intermediate beyond the
+/// logits themselves is kept for the gradient.
+struct TargetLogprobs {
+    targets: Vec<u32>,
+}
+
+impl CustomOp1 for TargetLogprobs {
+    fn name(&self) -> &'static str {
+        "target-logprobs"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l.shape().dims2()?;
+        let x = f32_slice(s, l)?;
+        let out: Vec<f32> = (0..rows)
+            .into_par_iter()
+            .map(|i| {
+                let row = &x[i * vocab..(i + 1) * vocab];
+                (row[self.targets[i] as usize] as f64 - row_lse(row)) as f32
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(rows)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad: Vec<f32> = grad.to_dtype(DType::F32)?.to_vec1()?;
+        let g = arg.detach().apply_op1_no_bwd(&TargetLogprobsGrad {
+            targets: self.targets.clone(),
+            grad,
+        })?;
+        Ok(Some(g))
+    }
+}
+
+/// The gradient of [`TargetLogprobs`] w.r.t. the logits.
+struct TargetLogprobsGrad {
+    targets: Vec<u32>,
+    grad: Vec<f32>,
+}
+
+impl CustomOp1 for TargetLogprobsGrad {
+    fn name(&self) -> &'static str {
+        "target-logprobs-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l.shape().dims2()?;
+        let x = f32_slice(s, l)?;
+        let mut out = vec![0f32; rows * vocab];
+        out.par_chunks_mut(vocab).enumerate().for_each(|(i, o)| {
+            let g = self.grad[i];
+            if g == 0.0 {
+                return;
+            }
+            let row = &x[i * vocab..(i + 1) * vocab];
+            let lse = row_lse(row);
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = -g * ((v as f64 - lse).exp() as f32);
+            }
+            o[self.targets[i] as usize] += g;
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// Log-probability of each row's target token: `logits: (rows, vocab)` → `(rows,)`.
+pub fn target_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let logits = logits.contiguous()?;
+    let op = TargetLogprobs {
+        targets: targets.to_vec(),
+    };
+    Ok(if logits.track_op() {
+        logits.apply_op1(op)?
+    } else {
+        logits.apply_op1_no_bwd(&op)?
+    })
+}
+
+/// Full log-softmax rows of a `(rows, vocab)` tensor, as plain vectors (for sampling).
+pub fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(rows
+        .into_par_iter()
+        .map(|row| {
+            let lse = row_lse(&row);
+            row.iter().map(|&x| (x as f64 - lse) as f32).collect()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn frozen_linear_gives_input_grad_only() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 4), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1., (3, 4), &dev).unwrap();
+        let y = frozen_linear(x.as_tensor(), &w, None).unwrap();
+        close(&y, &x.matmul(&w.t().unwrap()).unwrap(), 1e-6);
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        // Reference: the plain matmul's input gradient.
+        let y2 = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let g2 = y2.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        close(grads.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-5);
+        assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
+    }
+
+    #[test]
+    fn target_logprobs_matches_composite_and_its_gradient() {
+        let dev = Device::Cpu;
+        let logits = Var::from_tensor(&Tensor::randn(0f32, 3., (4, 7), &dev).unwrap()).unwrap();
+        let targets = [1u32, 6, 0, 3];
+        let lp = target_logprobs(logits.as_tensor(), &targets).unwrap();
+        let weights = Tensor::new(&[1f32, -2.0, 0.5, 0.0], &dev).unwrap();
+        let g = (lp.clone() * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // Composite reference.
+        let ls = softmax_last_dim(logits.as_tensor()).unwrap().log().unwrap();
+        let idx = Tensor::new(&targets, &dev).unwrap().unsqueeze(1).unwrap();
+        let lp2 = ls.gather(&idx, 1).unwrap().squeeze(1).unwrap();
+        close(&lp, &lp2, 1e-5);
+        let g2 = (lp2 * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(g.get(&logits).unwrap(), g2.get(&logits).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn composite_ops_pass_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 2, 4), &dev).unwrap()).unwrap();
+        let w = Tensor::ones(4, DType::F32, &dev).unwrap();
+        let (cos, sin) = rope_tables(&[1.0, 0.1], &[0, 1, 2], &dev).unwrap();
+        let y = rope(&rms_norm(x.as_tensor(), &w, 1e-6).unwrap(), &cos, &sin).unwrap();
+        let y = softmax_last_dim(&y).unwrap();
+        let g = (y * Tensor::randn(0f32, 1., (3, 2, 4), &dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gx: Vec<f32> = g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(gx.iter().any(|v| v.abs() > 1e-6));
+        // Position 0 is the identity rotation.
+        let (c0, s0) = rope_tables(&[1.0, 0.1], &[0], &dev).unwrap();
+        let z = Tensor::randn(0f32, 1., (1, 2, 4), &dev).unwrap();
+        close(&rope(&z, &c0, &s0).unwrap(), &z, 0.0);
+    }
+}

@@ -1,0 +1,419 @@
+//! Sampling: Tinker's `SamplingClient` in process.
+//!
+//! The prompt is prefilled once; its KV cache is copied to the `n` samples, which then decode
+//! in lockstep as one batch, finished sequences leaving the batch. Each token's reported
+//! logprob is the model's own (`log_softmax` of the raw logits, before temperature, top-k and
+//! top-p), so it agrees with the trainer's `forward` on the same weights — RL's importance
+//! ratios depend on that.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use whet_contract::{
+    ContractError, ModelInput, SampleResponse, SampledSequence, SamplingClient, SamplingParams,
+    Stop, StopReason,
+};
+use whet_lora::LoraWeights;
+
+use crate::batch::check_tokens;
+use crate::model::{KvCache, Layout, Model};
+use crate::ops::log_softmax_rows;
+use crate::EngineError;
+
+/// Turns token ids back into text (for stop strings).
+pub type Detokenize = Arc<dyn Fn(&[u32]) -> String + Send + Sync>;
+
+/// What a sampler needs besides weights.
+#[derive(Clone, Default)]
+pub struct SamplerOptions {
+    /// Tokens that end a sequence by default (EOS, end-of-turn).
+    pub eos_token_ids: Vec<u32>,
+    /// A detokenizer; stop strings need one.
+    pub detokenize: Option<Detokenize>,
+}
+
+/// A sampler on a base model with an optional adapter snapshot.
+pub struct Sampler {
+    model: Arc<Model>,
+    lora: Option<LoraWeights>,
+    options: SamplerOptions,
+}
+
+/// How sequences end.
+struct Stops {
+    tokens: Vec<u32>,
+    strings: Vec<String>,
+}
+
+impl Sampler {
+    /// A sampler on `model`, with `lora` (detached weights) or none.
+    pub fn new(model: Arc<Model>, lora: Option<LoraWeights>, options: SamplerOptions) -> Self {
+        Self {
+            model,
+            lora,
+            options,
+        }
+    }
+
+    fn prompt_tokens(&self, prompt: &ModelInput) -> Result<Vec<u32>, EngineError> {
+        let tokens = check_tokens(&prompt.to_ints(), self.model.config.vocab_size, "prompt")?;
+        if tokens.is_empty() {
+            return Err(EngineError::Invalid {
+                field: "prompt".into(),
+                message: "is empty".into(),
+            });
+        }
+        let ctx = self.model.config.max_position_embeddings;
+        if tokens.len() > ctx {
+            return Err(EngineError::Invalid {
+                field: "prompt".into(),
+                message: format!(
+                    "has {} tokens, more than the model's context of {ctx}",
+                    tokens.len()
+                ),
+            });
+        }
+        Ok(tokens)
+    }
+
+    /// Stops for `params.stop`: `None` → EOS; a list → its entries plus EOS; `[]` → none.
+    fn stops(&self, stop: &Option<Stop>) -> Result<Stops, EngineError> {
+        let eos = self.options.eos_token_ids.clone();
+        Ok(match stop {
+            None => Stops {
+                tokens: eos,
+                strings: vec![],
+            },
+            Some(Stop::Tokens(t)) if t.is_empty() => Stops {
+                tokens: vec![],
+                strings: vec![],
+            },
+            Some(Stop::Texts(t)) if t.is_empty() => Stops {
+                tokens: vec![],
+                strings: vec![],
+            },
+            Some(Stop::Tokens(t)) => {
+                let mut tokens =
+                    check_tokens(t, self.model.config.vocab_size, "sampling_params.stop")?;
+                tokens.extend(eos);
+                Stops {
+                    tokens,
+                    strings: vec![],
+                }
+            }
+            Some(Stop::Text(s)) => self.string_stops(vec![s.clone()], eos)?,
+            Some(Stop::Texts(s)) => self.string_stops(s.clone(), eos)?,
+        })
+    }
+
+    fn string_stops(&self, strings: Vec<String>, eos: Vec<u32>) -> Result<Stops, EngineError> {
+        if self.options.detokenize.is_none() {
+            return Err(EngineError::Invalid {
+                field: "sampling_params.stop".into(),
+                message: "stop strings need the model's tokenizer; this sampler has none".into(),
+            });
+        }
+        if strings.iter().any(String::is_empty) {
+            return Err(EngineError::Invalid {
+                field: "sampling_params.stop".into(),
+                message: "an empty stop string".into(),
+            });
+        }
+        Ok(Stops {
+            tokens: eos,
+            strings,
+        })
+    }
+
+    fn run(
+        &self,
+        prompt: &ModelInput,
+        n: usize,
+        params: &SamplingParams,
+        prompt_logprobs: bool,
+        topk_prompt: usize,
+    ) -> Result<SampleResponse, EngineError> {
+        let tokens = self.prompt_tokens(prompt)?;
+        check_params(params)?;
+        let stops = self.stops(&params.stop)?;
+        let ctx = self.model.config.max_position_embeddings;
+        let room = ctx - tokens.len();
+        let max_tokens = params.max_tokens.unwrap_or(room).min(room);
+        let lora = self.lora.as_ref();
+
+        // Prefill once.
+        let mut cache = KvCache::default();
+        let hidden = self.model.forward_hidden(
+            &tokens,
+            Layout::Cached {
+                batch: 1,
+                cache: &mut cache,
+            },
+            lora,
+            None,
+        )?;
+        let l = tokens.len();
+        let (prompt_lp, topk) = if (prompt_logprobs || topk_prompt > 0) && l > 1 {
+            let h = hidden.narrow(0, 0, l - 1)?;
+            let lp: Vec<f32> = self.model.target_logprobs(&h, &tokens[1..])?.to_vec1()?;
+            let mut out = vec![None];
+            out.extend(lp.into_iter().map(Some));
+            let topk = if topk_prompt > 0 {
+                let rows = log_softmax_rows(&self.model.logits(&h)?)?;
+                let mut t = vec![None];
+                t.extend(rows.iter().map(|r| Some(top_k(r, topk_prompt))));
+                Some(t)
+            } else {
+                None
+            };
+            (Some(out), topk)
+        } else if prompt_logprobs || topk_prompt > 0 {
+            (Some(vec![None]), (topk_prompt > 0).then(|| vec![None]))
+        } else {
+            (None, None)
+        };
+
+        let mut seqs: Vec<SampledSequence> = (0..n)
+            .map(|_| SampledSequence {
+                stop_reason: StopReason::Length,
+                tokens: vec![],
+                logprobs: vec![],
+            })
+            .collect();
+        if n == 0 || max_tokens == 0 {
+            return Ok(response(seqs, prompt_lp, topk, prompt_logprobs));
+        }
+        let base_seed = params.seed.unwrap_or_else(rand::random);
+        let mut rngs: Vec<rand::rngs::StdRng> = (0..n as u64)
+            .map(|i| {
+                rand::rngs::StdRng::seed_from_u64(base_seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            })
+            .collect();
+        let last = self.model.logits(&hidden.narrow(0, l - 1, 1)?)?;
+        let mut rows: Vec<Vec<f32>> = vec![last.squeeze(0)?.to_vec1()?; n];
+        cache.select(&vec![0u32; n])?;
+        // `active[j]` is the sample index of batch row j.
+        let mut active: Vec<usize> = (0..n).collect();
+        loop {
+            let mut next = Vec::with_capacity(active.len());
+            let mut keep = Vec::with_capacity(active.len());
+            let lps = log_softmax_rows(&Tensor::new(rows.clone(), self.model.device())?)?;
+            for (j, &s) in active.iter().enumerate() {
+                let tok = choose(&rows[j], params, &mut rngs[s]);
+                let seq = &mut seqs[s];
+                seq.tokens.push(tok as i64);
+                seq.logprobs.push(lps[j][tok as usize]);
+                let stopped = stops.tokens.contains(&tok) || self.hits_stop_string(seq, &stops);
+                if stopped {
+                    seq.stop_reason = StopReason::Stop;
+                } else if seq.tokens.len() < max_tokens {
+                    next.push(tok);
+                    keep.push(j as u32);
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            if keep.len() != active.len() {
+                cache.select(&keep)?;
+                active = keep.iter().map(|&j| active[j as usize]).collect();
+            }
+            let hidden = self.model.forward_hidden(
+                &next,
+                Layout::Cached {
+                    batch: next.len(),
+                    cache: &mut cache,
+                },
+                lora,
+                None,
+            )?;
+            rows = self.model.logits(&hidden)?.to_vec2()?;
+        }
+        Ok(response(seqs, prompt_lp, topk, prompt_logprobs))
+    }
+
+    fn hits_stop_string(&self, seq: &SampledSequence, stops: &Stops) -> bool {
+        if stops.strings.is_empty() {
+            return false;
+        }
+        let Some(decode) = &self.options.detokenize else {
+            return false;
+        };
+        let ids: Vec<u32> = seq.tokens.iter().map(|&t| t as u32).collect();
+        let text = decode(&ids);
+        stops.strings.iter().any(|s| text.contains(s.as_str()))
+    }
+}
+
+fn response(
+    sequences: Vec<SampledSequence>,
+    prompt_lp: Option<Vec<Option<f32>>>,
+    topk: Option<Vec<Option<Vec<(i64, f32)>>>>,
+    want_prompt: bool,
+) -> SampleResponse {
+    SampleResponse {
+        sequences,
+        prompt_logprobs: if want_prompt { prompt_lp } else { None },
+        topk_prompt_logprobs: topk,
+    }
+}
+
+fn check_params(p: &SamplingParams) -> Result<(), EngineError> {
+    let bad = |field: &str, message: String| {
+        Err(EngineError::Invalid {
+            field: format!("sampling_params.{field}"),
+            message,
+        })
+    };
+    if !(p.temperature.is_finite() && p.temperature >= 0.0) {
+        return bad("temperature", format!("{} must be >= 0", p.temperature));
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        return bad("top_p", format!("{} must be in (0, 1]", p.top_p));
+    }
+    if p.top_k < -1 {
+        return bad(
+            "top_k",
+            format!("{} must be -1 (no limit) or positive", p.top_k),
+        );
+    }
+    Ok(())
+}
+
+/// The `k` most likely `(token, logprob)` pairs of a row, most likely first.
+fn top_k(row: &[f32], k: usize) -> Vec<(i64, f32)> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    let k = k.min(row.len());
+    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| row[b].total_cmp(&row[a]));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    idx.into_iter().map(|i| (i as i64, row[i])).collect()
+}
+
+/// Picks the next token from raw logits: argmax at temperature 0, else a draw from
+/// `softmax(logits / T)` restricted to the top-k tokens and then to the top-p nucleus.
+fn choose(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
+    if p.temperature == 0.0 {
+        // First maximum wins, as torch.argmax.
+        let mut best = 0;
+        for (i, &x) in logits.iter().enumerate() {
+            if x > logits[best] {
+                best = i;
+            }
+        }
+        return best as u32;
+    }
+    let t = p.temperature;
+    let mut cand: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i, x as f64 / t))
+        .collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if p.top_k > 0 {
+        cand.truncate(p.top_k as usize);
+    }
+    let max = cand[0].1;
+    let mut probs: Vec<f64> = cand.iter().map(|&(_, x)| (x - max).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|q| *q /= total);
+    if p.top_p < 1.0 {
+        // Smallest prefix whose mass reaches top_p (the token crossing it is kept).
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, q) in probs.iter().enumerate() {
+            acc += q;
+            if acc >= p.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        cand.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (i, q) in probs.iter().enumerate() {
+        if u < *q {
+            return cand[i].0 as u32;
+        }
+        u -= q;
+    }
+    cand[probs.len() - 1].0 as u32
+}
+
+impl SamplingClient for Sampler {
+    fn sample(
+        &self,
+        prompt: &ModelInput,
+        num_samples: usize,
+        params: &SamplingParams,
+        include_prompt_logprobs: bool,
+        topk_prompt_logprobs: usize,
+    ) -> Result<SampleResponse, ContractError> {
+        Ok(self.run(
+            prompt,
+            num_samples,
+            params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+        )?)
+    }
+
+    fn compute_logprobs(&self, prompt: &ModelInput) -> Result<Vec<Option<f32>>, ContractError> {
+        let tokens = self.prompt_tokens(prompt).map_err(ContractError::from)?;
+        let l = tokens.len();
+        let mut out = vec![None];
+        if l > 1 {
+            let hidden = self
+                .model
+                .forward_hidden(
+                    &tokens[..l - 1],
+                    Layout::Packed(&[l - 1]),
+                    self.lora.as_ref(),
+                    None,
+                )
+                .map_err(ContractError::from)?;
+            let lp: Vec<f32> = self
+                .model
+                .target_logprobs(&hidden, &tokens[1..])
+                .and_then(|t| Ok(t.to_vec1()?))
+                .map_err(ContractError::from)?;
+            out.extend(lp.into_iter().map(Some));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choose_respects_greedy_top_k_and_top_p() {
+        let logits = [0.0f32, 3.0, 2.9, -1.0];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        };
+        assert_eq!(choose(&logits, &greedy, &mut rng), 1);
+        let k2 = SamplingParams {
+            top_k: 2,
+            ..SamplingParams::default()
+        };
+        for _ in 0..200 {
+            let t = choose(&logits, &k2, &mut rng);
+            assert!(t == 1 || t == 2);
+        }
+        let p = SamplingParams {
+            top_p: 0.3,
+            ..SamplingParams::default()
+        };
+        for _ in 0..200 {
+            assert_eq!(choose(&logits, &p, &mut rng), 1);
+        }
+        assert_eq!(top_k(&logits, 2), vec![(1, 3.0), (2, 2.9)]);
+    }
+}
