@@ -1,0 +1,111 @@
+//! What every command shares: loading a model with its tokenizer and optional adapter, and
+//! writing output without ever leaving a partial file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use whet_data::Tokenizer;
+use whet_engine::{Detokenize, Model, ModelSource, SamplerOptions};
+use whet_lora::LoraAdapter;
+
+/// A base model ready to use, with its tokenizer.
+pub struct Loaded {
+    /// What the user typed.
+    pub spec: String,
+    /// Where the files are.
+    pub source: ModelSource,
+    /// The weights.
+    pub model: Arc<Model>,
+    /// The tokenizer, when the command needs one.
+    pub tokenizer: Option<Arc<Tokenizer>>,
+}
+
+impl Loaded {
+    /// The tokenizer (loaded when the command asked for it).
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("{}: this command needs the model's tokenizer", self.spec)
+        })
+    }
+}
+
+/// Loads a model, and its tokenizer first when `with_tokenizer` (so a broken one fails fast;
+/// scoring token ids needs none).
+pub fn load(spec: &str, with_tokenizer: bool) -> Result<Loaded> {
+    let source = ModelSource::resolve(spec)?;
+    let tokenizer = if with_tokenizer {
+        Some(Arc::new(
+            Tokenizer::from_model_path(source.tokenizer_path())
+                .with_context(|| format!("loading the tokenizer of {spec}"))?,
+        ))
+    } else {
+        None
+    };
+    let started = std::time::Instant::now();
+    let (source, model) = whet_engine::load_model(spec, &Device::Cpu)?;
+    tracing::info!(
+        "loaded {spec} ({:?}, {} layers) in {:.1}s",
+        model.config.architecture,
+        model.config.num_layers,
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(t) = &tokenizer {
+        if t.vocab_size() > model.config.vocab_size {
+            tracing::warn!(
+                "the tokenizer has {} tokens but the model's embedding has {} rows",
+                t.vocab_size(),
+                model.config.vocab_size
+            );
+        }
+    }
+    Ok(Loaded {
+        spec: spec.to_string(),
+        source,
+        model,
+        tokenizer,
+    })
+}
+
+/// Loads a PEFT adapter (or a whet state directory, which holds one) for the model.
+pub fn load_adapter(loaded: &Loaded, dir: &Path) -> Result<LoraAdapter> {
+    whet_engine::load_adapter(&loaded.model, dir)
+        .with_context(|| format!("loading adapter {}", dir.display()))
+}
+
+/// Sampler options from the tokenizer and the model config: every EOS id, and a detokenizer
+/// for stop strings.
+pub fn sampler_options(loaded: &Loaded) -> SamplerOptions {
+    let mut eos = loaded
+        .tokenizer
+        .as_ref()
+        .map(|t| t.eos_token_ids())
+        .unwrap_or_default();
+    for id in &loaded.model.config.eos_token_ids {
+        if !eos.contains(id) {
+            eos.push(*id);
+        }
+    }
+    let detokenize = loaded.tokenizer.clone().map(|tok| -> Detokenize {
+        Arc::new(move |ids: &[u32]| tok.decode(ids, false).unwrap_or_default())
+    });
+    SamplerOptions {
+        eos_token_ids: eos,
+        detokenize,
+    }
+}
+
+/// Writes `text` to `out` atomically (temp file + rename), or to stdout when `out` is None.
+pub fn emit(out: Option<&PathBuf>, text: &str) -> Result<()> {
+    match out {
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(text.as_bytes())?;
+            stdout.flush()?;
+        }
+        Some(path) => whet_lora::io::write_atomic(path, text.as_bytes())?,
+    }
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! `whet`: train and sample LLM adapters locally with Tinker's contract.
+
+mod adapter_cmd;
+mod common;
+mod logprobs_cmd;
+mod model_cmd;
+mod sample_cmd;
+
+use clap::{Parser, Subcommand};
+
+/// whet — a native training engine for LLM adapters (Tinker's contract, on your machine).
+///
+/// A model (M) is a Hugging Face directory, a .gguf file, or a hub id already in the local
+/// Hugging Face cache. Get the default model with `tools/get-smollm2.sh`.
+#[derive(Parser)]
+#[command(name = "whet", version, propagate_version = true)]
+struct Cli {
+    /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score Tinker datums: per-target logprobs and the weighted loss, one JSON line per datum.
+    Logprobs(logprobs_cmd::Args),
+    /// Sample completions of a prompt rendered with the model's chat template.
+    Sample(sample_cmd::Args),
+    /// Work with LoRA adapters.
+    #[command(subcommand)]
+    Adapter(adapter_cmd::Command),
+    /// Inspect models.
+    #[command(subcommand)]
+    Model(model_cmd::Command),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Logprobs(a) => logprobs_cmd::run(a),
+        Command::Sample(a) => sample_cmd::run(a),
+        Command::Adapter(c) => adapter_cmd::run(c),
+        Command::Model(c) => model_cmd::run(c),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

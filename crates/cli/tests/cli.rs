@@ -1,0 +1,270 @@
+//! End to end: the `whet` binary on the tiny fixtures and on SmolLM2, including the clear
+//! errors bad input must get.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+fn whet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args(args)
+        .output()
+        .expect("whet runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = whet(args);
+    assert!(
+        out.status.success(),
+        "whet {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail, returns its stderr.
+fn fails(args: &[&str]) -> String {
+    let out = whet(args);
+    assert!(!out.status.success(), "whet {args:?} should have failed");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "whet {args:?} panicked: {err}");
+    err
+}
+
+fn expected_logprobs(model: &str, tag: &str, i: usize) -> Vec<f32> {
+    let t = candle_core::safetensors::load(
+        fixture(model).join("expected.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    t[&format!("logprobs.{tag}.{i}")].to_vec1().unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn logprobs_with_adapter_match_peft_and_merge_preserves_them() {
+    let model = fixture("tiny-qwen2");
+    let adapter = model.join("adapter");
+    let data = model.join("datums.jsonl");
+    let out = ok(&[
+        "logprobs",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--data",
+        s(&data),
+    ]);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (i, line) in lines.iter().enumerate() {
+        let lp: Vec<f32> = serde_json::from_value(line["logprobs"].clone()).unwrap();
+        let want = expected_logprobs("tiny-qwen2", "adapter", i);
+        assert!(lp.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4));
+        assert!(line["loss"].as_f64().unwrap().is_finite());
+    }
+    // Merging gives a plain model with the adapter's logprobs.
+    let tmp = tempfile::tempdir().unwrap();
+    let merged = tmp.path().join("merged");
+    ok(&[
+        "adapter",
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(merged.join("model.safetensors").is_file() && merged.join("config.json").is_file());
+    let out2 = ok(&["logprobs", "--model", s(&merged), "--data", s(&data)]);
+    for (a, b) in out.lines().zip(out2.lines()) {
+        let a: Vec<f32> =
+            serde_json::from_value(serde_json::from_str::<Value>(a).unwrap()["logprobs"].clone())
+                .unwrap();
+        let b: Vec<f32> =
+            serde_json::from_value(serde_json::from_str::<Value>(b).unwrap()["logprobs"].clone())
+                .unwrap();
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-4));
+    }
+    // Writing over an existing directory is refused.
+    assert!(fails(&[
+        "adapter",
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged)
+    ])
+    .contains("already exists"));
+    // --out writes the same lines to a file.
+    let file = tmp.path().join("lp.jsonl");
+    ok(&[
+        "logprobs",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--out",
+        s(&file),
+    ]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 3);
+}
+
+#[test]
+fn bad_input_gets_one_clear_error_and_no_output_file() {
+    let model = fixture("tiny-llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let write = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let datum = |tokens: &str, targets: &str| {
+        format!(
+            r#"{{"model_input": {{"chunks": [{{"type": "encoded_text", "tokens": {tokens}}}]}}, "loss_fn_inputs": {{"target_tokens": {{"data": {targets}, "dtype": "int64"}}}}}}"#
+        )
+    };
+    let run = |data: &Path| {
+        fails(&[
+            "logprobs",
+            "--model",
+            s(&model),
+            "--data",
+            s(data),
+            "--out",
+            s(&out),
+        ])
+    };
+    // Missing file.
+    let e = run(&tmp.path().join("nope.jsonl"));
+    assert!(e.contains("nope.jsonl"), "{e}");
+    // Malformed JSON names the line.
+    let bad = write(
+        "bad.jsonl",
+        &format!("{}\n{{not json\n", datum("[1, 2]", "[2, 3]")),
+    );
+    let e = run(&bad);
+    assert!(e.contains("bad.jsonl") && e.contains(":2"), "{e}");
+    // A token outside the vocabulary names the field.
+    let oov = write("oov.jsonl", &datum("[1, 100000]", "[2, 3]"));
+    let e = run(&oov);
+    assert!(e.contains("100000") && e.contains("model_input"), "{e}");
+    // A sequence longer than the context.
+    let long: Vec<String> = (0..70).map(|i| (i % 100).to_string()).collect();
+    let long = format!("[{}]", long.join(", "));
+    let e = run(&write("long.jsonl", &datum(&long, &long)));
+    assert!(e.contains("context"), "{e}");
+    // Targets of the wrong length.
+    let e = run(&write("len.jsonl", &datum("[1, 2, 3]", "[2, 3]")));
+    assert!(e.contains("target_tokens"), "{e}");
+    assert!(!out.exists(), "a failed run left an output file");
+
+    // An adapter whose shapes do not fit the model names the tensor.
+    let data = model.join("datums.jsonl");
+    let e = fails(&[
+        "logprobs",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&fixture("tiny-qwen3").join("adapter")),
+        "--data",
+        s(&data),
+    ]);
+    assert!(
+        e.contains("lora_A.weight") || e.contains("lora_B.weight"),
+        "{e}"
+    );
+    // An unsupported architecture.
+    let arch = tmp.path().join("gpt2");
+    std::fs::create_dir(&arch).unwrap();
+    std::fs::write(arch.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
+    let e = fails(&["model", "info", s(&arch)]);
+    assert!(e.contains("gpt2"), "{e}");
+    // A missing model.
+    let e = fails(&["model", "info", "/no/such/dir"]);
+    assert!(e.contains("/no/such/dir"), "{e}");
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.is_file() {
+        return Some(p);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{} is missing: run tools/get-smollm2.sh", p.display());
+    }
+    eprintln!(
+        "skipping: {} is missing (run tools/get-smollm2.sh)",
+        p.display()
+    );
+    None
+}
+
+#[test]
+fn smollm2_samples_through_its_chat_template() {
+    let Some(model) = smollm2() else { return };
+    let out = ok(&[
+        "sample",
+        "--model",
+        s(&model),
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "32",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let greedy: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("smollm2").join("greedy.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &greedy["cases"][0];
+    assert_eq!(
+        v["prompt_tokens"], case["prompt_tokens"],
+        "chat template rendering differs"
+    );
+    let sample = &v["samples"][0];
+    assert_eq!(sample["tokens"], case["greedy_tokens"]);
+    assert_eq!(sample["stop_reason"], "stop");
+    assert!(sample["text"].as_str().unwrap().contains("Paris"));
+    // Several seeded samples are reproducible.
+    let args = [
+        "sample",
+        "--model",
+        s(&model),
+        "--prompt",
+        "Say hi.",
+        "-n",
+        "2",
+        "--seed",
+        "7",
+        "--max-tokens",
+        "8",
+        "--json",
+    ];
+    assert_eq!(ok(&args), ok(&args));
+    let info: Value = serde_json::from_str(&ok(&["model", "info", s(&model), "--json"])).unwrap();
+    assert_eq!(info["config"]["num_layers"], 30);
+    assert_eq!(info["tokenizer"]["chat_template"], true);
+}
