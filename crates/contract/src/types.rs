@@ -405,6 +405,9 @@ pub struct SampledSequence {
     pub logprobs: Vec<f32>,
 }
 
+/// The `k` most likely `(token, logprob)` pairs at each prompt position (`None` at 0).
+pub type TopkLogprobs = Vec<Option<Vec<(i64, f32)>>>;
+
 /// Result of `sample`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleResponse {
@@ -413,7 +416,7 @@ pub struct SampleResponse {
     /// Prompt logprobs when asked for (position 0 is `None`).
     pub prompt_logprobs: Option<Vec<Option<f32>>>,
     /// Top-k prompt logprobs when asked for: per position `(token, logprob)` pairs.
-    pub topk_prompt_logprobs: Option<Vec<Option<Vec<(i64, f32)>>>>,
+    pub topk_prompt_logprobs: Option<TopkLogprobs>,
 }
 
 /// Tinker's `LoraConfig` for `create_lora_training_client`.

@@ -211,9 +211,11 @@ fn gguf_config(
         "llama" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
         "qwen3" => Architecture::Qwen3,
-        other => return Err(EngineError::Unsupported(format!(
+        other => {
+            return Err(EngineError::Unsupported(format!(
             "{src}: GGUF architecture '{other}' is not supported (supported: llama, qwen2, qwen3)"
-        ))),
+        )))
+        }
     };
     let key = |k: &str| format!("{arch_name}.{k}");
     let need = |k: &str| {

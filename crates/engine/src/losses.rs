@@ -157,11 +157,11 @@ mod tests {
         };
         assert!((v(Loss::CrossEntropy) - 1.25).abs() < 1e-6);
         let r = [0.5f32.exp(), (-1.0f32).exp(), 1.0];
-        let is = -(r[0] * 1.0 + r[1] * -1.0 + r[2] * 2.0);
+        let is = -(r[0] - r[1] + r[2] * 2.0); // A = [1, -1, 2]
         assert!((v(Loss::ImportanceSampling) - is).abs() < 1e-6);
         // PPO: token 0 (A>0, r=1.65) clipped to 1.2; token 1 (A<0, r=0.37): min picks the
         // clipped −0.8; token 2 r=1.
-        let ppo = -(1.2 * 1.0 + 0.8 * -1.0 + 2.0);
+        let ppo = -(1.2 - 0.8 + 2.0); // clipped 1.2·1, clipped 0.8·(−1), 1·2
         assert!((v(Loss::Ppo { lo: 0.8, hi: 1.2 }) - ppo).abs() < 1e-6);
         let dro = -((-1.0 - 0.5 * 0.1 * 0.25) + (2.0 - 0.5 * 0.1 * 1.0) + (-1.0));
         assert!((v(Loss::Dro { beta: 0.1 }) - dro).abs() < 1e-6);

@@ -69,18 +69,25 @@ pub struct Model {
     device: Device,
 }
 
-/// Per-layer key/value cache of a batch of sequences of equal length.
+/// Per-layer key/value cache of a batch of sequences. Rows may hold prompts of different
+/// lengths: row `i` is left-padded by `pad[i]` slots, which are masked out and do not count
+/// as positions.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    /// Per layer `(k, v)`, each `(batch, kv_heads, len, head_dim)`.
+    /// Per layer `(k, v)`, each `(batch, kv_heads, slots, head_dim)`.
     pub layers: Vec<Option<(Tensor, Tensor)>>,
-    /// Cached positions per sequence.
+    /// Slots per row (padding included).
     pub len: usize,
+    /// Left padding per row; empty means none.
+    pub pad: Vec<usize>,
 }
 
 impl KvCache {
-    /// Keeps only the listed sequences of the batch (in that order).
+    /// Keeps only the listed rows of the batch (in that order).
     pub fn select(&mut self, keep: &[u32]) -> Result<()> {
+        if !self.pad.is_empty() {
+            self.pad = keep.iter().map(|&i| self.pad[i as usize]).collect();
+        }
         let Some(Some((k0, _))) = self.layers.first() else {
             return Ok(());
         };
@@ -92,6 +99,44 @@ impl KvCache {
             );
         }
         Ok(())
+    }
+
+    /// Stacks single-row caches of different lengths into one batch, left-padding the
+    /// shorter ones with zeros (masked by `pad`).
+    pub fn stack_left_padded(caches: &[KvCache]) -> Result<KvCache> {
+        let len = caches.iter().map(|c| c.len).max().unwrap_or(0);
+        let pad: Vec<usize> = caches.iter().map(|c| len - c.len).collect();
+        let layers = caches.first().map(|c| c.layers.len()).unwrap_or(0);
+        let mut out = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let mut ks = Vec::with_capacity(caches.len());
+            let mut vs = Vec::with_capacity(caches.len());
+            for (c, &p) in caches.iter().zip(&pad) {
+                let Some((k, v)) = &c.layers[l] else {
+                    return Err(EngineError::Internal("stacking an empty cache".into()));
+                };
+                let padded = |t: &Tensor| -> Result<Tensor> {
+                    if p == 0 {
+                        return Ok(t.clone());
+                    }
+                    let (b, h, _, d) = t.dims4()?;
+                    let z = Tensor::zeros((b, h, p, d), t.dtype(), t.device())?;
+                    Ok(Tensor::cat(&[&z, t], 2)?)
+                };
+                ks.push(padded(k)?);
+                vs.push(padded(v)?);
+            }
+            out.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+        }
+        Ok(KvCache {
+            layers: out,
+            len,
+            pad: if pad.iter().any(|&p| p > 0) {
+                pad
+            } else {
+                vec![]
+            },
+        })
     }
 }
 
@@ -295,9 +340,18 @@ impl Model {
                 (pos, Layout::Packed(lens))
             }
             Layout::Cached { batch, cache } => {
+                if batch == 0 || !n.is_multiple_of(batch) {
+                    return Err(EngineError::Internal(format!(
+                        "{n} tokens for a batch of {batch}"
+                    )));
+                }
                 let new = n / batch;
-                let start = cache.len as u32;
-                let pos: Vec<u32> = (0..batch).flat_map(|_| start..start + new as u32).collect();
+                let pos: Vec<u32> = (0..batch)
+                    .flat_map(|row| {
+                        let start = (cache.len - cache.pad.get(row).copied().unwrap_or(0)) as u32;
+                        start..start + new as u32
+                    })
+                    .collect();
                 if cache.layers.len() != c.num_layers {
                     cache.layers = vec![None; c.num_layers];
                 }
@@ -340,7 +394,7 @@ impl Model {
                         let seg = |t: &Tensor| -> Result<Tensor> {
                             Ok(t.narrow(0, start, len)?.transpose(0, 1)?.unsqueeze(0)?)
                         };
-                        let o = self.attend(&seg(&q)?, &seg(&k)?, &seg(&v)?, 0)?;
+                        let o = self.attend(&seg(&q)?, &seg(&k)?, &seg(&v)?, 0, &[])?;
                         outs.push(o.squeeze(0)?.transpose(0, 1)?);
                         start += len;
                     }
@@ -366,7 +420,7 @@ impl Model {
                         }
                         None => (kb, vb),
                     };
-                    let o = self.attend(&qb, &k_all, &v_all, offset)?;
+                    let o = self.attend(&qb, &k_all, &v_all, offset, &cache.pad)?;
                     cache.layers[li] = Some((k_all, v_all));
                     o.transpose(1, 2)?.reshape((n, c.num_heads, c.head_dim))?
                 }
@@ -389,7 +443,14 @@ impl Model {
     /// at position `offset + t` and key `s` at position `s`. Grouped-query heads are attended
     /// without copying the keys: query head `h` uses kv head `h / (H / Hkv)`, so the queries
     /// of one kv group are stacked on the time axis.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        offset: usize,
+        pad: &[usize],
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, heads, t, d) = q.dims4()?;
         let s = k.dim(2)?;
@@ -399,10 +460,20 @@ impl Model {
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (qg.matmul(&k.t()?.contiguous()?)? * scale)?;
         let scores = scores.reshape((b, kvh, rep, t, s))?;
-        let mask = self.mask(t, s, offset)?;
-        let scores = match mask {
+        let scores = match self.mask(t, s, offset)? {
             Some(m) => scores.broadcast_add(&m)?,
             None => scores,
+        };
+        // Left padding of rows with shorter prompts: keys before pad[row] are not attended.
+        let scores = if pad.is_empty() {
+            scores
+        } else {
+            let m: Vec<f32> = pad
+                .iter()
+                .flat_map(|&p| (0..s).map(move |j| if j < p { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let m = Tensor::from_vec(m, (b, 1, 1, 1, s), &self.device)?;
+            scores.broadcast_add(&m)?
         };
         let probs = ops::softmax_last_dim(&scores)?.reshape((b, kvh, rep * t, s))?;
         let out = probs.matmul(&v.contiguous()?)?;

@@ -126,6 +126,127 @@ impl Sampler {
         })
     }
 
+    /// Prefills one prompt: its cache and final hidden states.
+    fn prefill(&self, tokens: &[u32]) -> Result<(KvCache, Tensor), EngineError> {
+        let mut cache = KvCache::default();
+        let hidden = self.model.forward_hidden(
+            tokens,
+            Layout::Cached {
+                batch: 1,
+                cache: &mut cache,
+            },
+            self.lora.as_ref(),
+            None,
+        )?;
+        Ok((cache, hidden))
+    }
+
+    /// `n` completions of each prompt, all decoded as one batch (prompts of different lengths
+    /// share it through left-padded, masked caches). Result: per prompt, its `n` sequences.
+    pub fn sample_many(
+        &self,
+        prompts: &[ModelInput],
+        n: usize,
+        params: &SamplingParams,
+    ) -> Result<Vec<Vec<SampledSequence>>, EngineError> {
+        let prompts: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| self.prompt_tokens(p))
+            .collect::<Result<_, _>>()?;
+        check_params(params)?;
+        let mut prefilled = Vec::with_capacity(prompts.len());
+        for p in &prompts {
+            let (cache, hidden) = self.prefill(p)?;
+            let last = self.model.logits(&hidden.narrow(0, p.len() - 1, 1)?)?;
+            prefilled.push((cache, last.squeeze(0)?.to_vec1::<f32>()?));
+        }
+        self.decode(&prompts, prefilled, n, params)
+    }
+
+    /// The decode loop from prefilled prompts: sequence `p·n + k` is sample `k` of prompt `p`.
+    fn decode(
+        &self,
+        prompts: &[Vec<u32>],
+        prefilled: Vec<(KvCache, Vec<f32>)>,
+        n: usize,
+        params: &SamplingParams,
+    ) -> Result<Vec<Vec<SampledSequence>>, EngineError> {
+        let stops = self.stops(&params.stop)?;
+        let ctx = self.model.config.max_position_embeddings;
+        let total = prompts.len() * n;
+        let limit: Vec<usize> = (0..total)
+            .map(|s| {
+                let room = ctx - prompts[s / n.max(1)].len();
+                params.max_tokens.unwrap_or(room).min(room)
+            })
+            .collect();
+        let mut seqs: Vec<SampledSequence> = (0..total)
+            .map(|_| SampledSequence {
+                stop_reason: StopReason::Length,
+                tokens: vec![],
+                logprobs: vec![],
+            })
+            .collect();
+        // `active[j]` is the sequence of batch row j.
+        let mut active: Vec<usize> = (0..total).filter(|&s| limit[s] > 0).collect();
+        if !active.is_empty() {
+            let base_seed = params.seed.unwrap_or_else(rand::random);
+            let mut rngs: Vec<rand::rngs::StdRng> = (0..total as u64)
+                .map(|i| {
+                    rand::rngs::StdRng::seed_from_u64(
+                        base_seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    )
+                })
+                .collect();
+            let (caches, firsts): (Vec<KvCache>, Vec<Vec<f32>>) = prefilled.into_iter().unzip();
+            let mut cache = KvCache::stack_left_padded(&caches)?;
+            drop(caches);
+            let rows_of: Vec<u32> = active.iter().map(|&s| (s / n) as u32).collect();
+            cache.select(&rows_of)?;
+            let mut rows: Vec<Vec<f32>> = active.iter().map(|&s| firsts[s / n].clone()).collect();
+            loop {
+                let mut next = Vec::with_capacity(active.len());
+                let mut keep = Vec::with_capacity(active.len());
+                let lps = log_softmax_rows(&Tensor::new(rows, self.model.device())?)?;
+                for (j, &s) in active.iter().enumerate() {
+                    let tok = choose(&lps[j], params, &mut rngs[s]);
+                    let seq = &mut seqs[s];
+                    seq.tokens.push(tok as i64);
+                    seq.logprobs.push(lps[j][tok as usize]);
+                    if stops.tokens.contains(&tok) || self.hits_stop_string(seq, &stops) {
+                        seq.stop_reason = StopReason::Stop;
+                    } else if seq.tokens.len() < limit[s] {
+                        next.push(tok);
+                        keep.push(j as u32);
+                    }
+                }
+                if next.is_empty() {
+                    break;
+                }
+                if keep.len() != active.len() {
+                    cache.select(&keep)?;
+                    active = keep.iter().map(|&j| active[j as usize]).collect();
+                }
+                let hidden = self.model.forward_hidden(
+                    &next,
+                    Layout::Cached {
+                        batch: next.len(),
+                        cache: &mut cache,
+                    },
+                    self.lora.as_ref(),
+                    None,
+                )?;
+                rows = self.model.logits(&hidden)?.to_vec2()?;
+            }
+        }
+        let mut out: Vec<Vec<SampledSequence>> = Vec::with_capacity(prompts.len());
+        let mut it = seqs.into_iter();
+        for _ in prompts {
+            out.push(it.by_ref().take(n).collect());
+        }
+        Ok(out)
+    }
+
     fn run(
         &self,
         prompt: &ModelInput,
@@ -136,23 +257,7 @@ impl Sampler {
     ) -> Result<SampleResponse, EngineError> {
         let tokens = self.prompt_tokens(prompt)?;
         check_params(params)?;
-        let stops = self.stops(&params.stop)?;
-        let ctx = self.model.config.max_position_embeddings;
-        let room = ctx - tokens.len();
-        let max_tokens = params.max_tokens.unwrap_or(room).min(room);
-        let lora = self.lora.as_ref();
-
-        // Prefill once.
-        let mut cache = KvCache::default();
-        let hidden = self.model.forward_hidden(
-            &tokens,
-            Layout::Cached {
-                batch: 1,
-                cache: &mut cache,
-            },
-            lora,
-            None,
-        )?;
+        let (cache, hidden) = self.prefill(&tokens)?;
         let l = tokens.len();
         let (prompt_lp, topk) = if (prompt_logprobs || topk_prompt > 0) && l > 1 {
             let h = hidden.narrow(0, 0, l - 1)?;
@@ -173,64 +278,14 @@ impl Sampler {
         } else {
             (None, None)
         };
-
-        let mut seqs: Vec<SampledSequence> = (0..n)
-            .map(|_| SampledSequence {
-                stop_reason: StopReason::Length,
-                tokens: vec![],
-                logprobs: vec![],
-            })
-            .collect();
-        if n == 0 || max_tokens == 0 {
-            return Ok(response(seqs, prompt_lp, topk, prompt_logprobs));
-        }
-        let base_seed = params.seed.unwrap_or_else(rand::random);
-        let mut rngs: Vec<rand::rngs::StdRng> = (0..n as u64)
-            .map(|i| {
-                rand::rngs::StdRng::seed_from_u64(base_seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            })
-            .collect();
         let last = self.model.logits(&hidden.narrow(0, l - 1, 1)?)?;
-        let mut rows: Vec<Vec<f32>> = vec![last.squeeze(0)?.to_vec1()?; n];
-        cache.select(&vec![0u32; n])?;
-        // `active[j]` is the sample index of batch row j.
-        let mut active: Vec<usize> = (0..n).collect();
-        loop {
-            let mut next = Vec::with_capacity(active.len());
-            let mut keep = Vec::with_capacity(active.len());
-            let lps = log_softmax_rows(&Tensor::new(rows.clone(), self.model.device())?)?;
-            for (j, &s) in active.iter().enumerate() {
-                let tok = choose(&rows[j], params, &mut rngs[s]);
-                let seq = &mut seqs[s];
-                seq.tokens.push(tok as i64);
-                seq.logprobs.push(lps[j][tok as usize]);
-                let stopped = stops.tokens.contains(&tok) || self.hits_stop_string(seq, &stops);
-                if stopped {
-                    seq.stop_reason = StopReason::Stop;
-                } else if seq.tokens.len() < max_tokens {
-                    next.push(tok);
-                    keep.push(j as u32);
-                }
-            }
-            if next.is_empty() {
-                break;
-            }
-            if keep.len() != active.len() {
-                cache.select(&keep)?;
-                active = keep.iter().map(|&j| active[j as usize]).collect();
-            }
-            let hidden = self.model.forward_hidden(
-                &next,
-                Layout::Cached {
-                    batch: next.len(),
-                    cache: &mut cache,
-                },
-                lora,
-                None,
-            )?;
-            rows = self.model.logits(&hidden)?.to_vec2()?;
-        }
-        Ok(response(seqs, prompt_lp, topk, prompt_logprobs))
+        let first = last.squeeze(0)?.to_vec1::<f32>()?;
+        let mut seqs = self.decode(&[tokens], vec![(cache, first)], n, params)?;
+        Ok(SampleResponse {
+            sequences: seqs.pop().unwrap_or_default(),
+            prompt_logprobs: if prompt_logprobs { prompt_lp } else { None },
+            topk_prompt_logprobs: topk,
+        })
     }
 
     fn hits_stop_string(&self, seq: &SampledSequence, stops: &Stops) -> bool {
@@ -243,19 +298,6 @@ impl Sampler {
         let ids: Vec<u32> = seq.tokens.iter().map(|&t| t as u32).collect();
         let text = decode(&ids);
         stops.strings.iter().any(|s| text.contains(s.as_str()))
-    }
-}
-
-fn response(
-    sequences: Vec<SampledSequence>,
-    prompt_lp: Option<Vec<Option<f32>>>,
-    topk: Option<Vec<Option<Vec<(i64, f32)>>>>,
-    want_prompt: bool,
-) -> SampleResponse {
-    SampleResponse {
-        sequences,
-        prompt_logprobs: if want_prompt { prompt_lp } else { None },
-        topk_prompt_logprobs: topk,
     }
 }
 

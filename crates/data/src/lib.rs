@@ -1,0 +1,29 @@
+//! Text in and out of whet: tokenizers (from a Hugging Face model directory or straight from a
+//! `.gguf` file), chat templates rendered exactly as transformers' `apply_chat_template` renders
+//! them, and Tinker datum files.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use whet_data::Tokenizer;
+//!
+//! let tok = Tokenizer::from_model_path(Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf"))?;
+//! let messages = [serde_json::json!({"role": "user", "content": "Hi"})];
+//! let ids = tok.apply_chat_template(&messages, None, true)?;
+//! assert!(tok.decode(&ids, false)?.ends_with("<|im_start|>assistant\n"));
+//! # Ok::<(), whet_data::DataError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+mod chat_template;
+mod datum;
+mod error;
+pub mod gguf;
+mod gguf_tokenizer;
+mod pyfmt;
+mod tokenizer;
+
+pub use chat_template::ChatTemplate;
+pub use datum::read_datums_jsonl;
+pub use error::{DataError, Result};
+pub use tokenizer::Tokenizer;
