@@ -11,6 +11,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod kernels;
 pub mod loader;
 pub mod losses;
 pub mod merge;

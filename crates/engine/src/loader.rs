@@ -406,13 +406,26 @@ mod tests {
         );
         let e = ModelSource::resolve("/no/such/model.gguf").unwrap_err();
         assert!(e.to_string().contains("/no/such/model.gguf"), "{e}");
-        std::env::set_var("HF_HOME", "/nonexistent-hf-home");
+        // The only test that touches HF_HOME (the environment is shared by test threads).
+        let home = tempfile::tempdir().unwrap();
+        std::env::set_var("HF_HOME", home.path());
         let e = ModelSource::resolve("someorg/somemodel")
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("someorg/somemodel") && e.contains("does not download"),
             "{e}"
+        );
+        // A model in the cache (hub layout: refs/main names the snapshot) resolves offline.
+        let repo = home.path().join("hub/models--someorg--somemodel");
+        let snap = repo.join("snapshots/0123abcd");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+        std::fs::write(snap.join("config.json"), "{}").unwrap();
+        assert_eq!(
+            ModelSource::resolve("someorg/somemodel").unwrap(),
+            ModelSource::HfDir(snap)
         );
     }
 }

@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use whet_lora::{LoraSiteWeights, LoraWeights, Site, SiteShape, Target};
 
 use crate::config::ModelConfig;
+use crate::kernels::{self, AttnMask};
 use crate::loader::LoadedWeights;
 use crate::ops;
 use crate::EngineError;
@@ -373,19 +374,19 @@ impl Model {
                 self.project(x, layer.linear(t), site(t), d)
             };
             // Attention block.
-            let h = ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let h = kernels::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let q = proj(&h, Target::Q)?.reshape((n, c.num_heads, c.head_dim))?;
             let k = proj(&h, Target::K)?.reshape((n, c.num_kv_heads, c.head_dim))?;
             let v = proj(&h, Target::V)?.reshape((n, c.num_kv_heads, c.head_dim))?;
             let (q, k) = match &layer.qk_norm {
                 Some((qn, kn)) => (
-                    ops::rms_norm(&q, qn, c.rms_norm_eps)?,
-                    ops::rms_norm(&k, kn, c.rms_norm_eps)?,
+                    kernels::rms_norm(&q, qn, c.rms_norm_eps)?,
+                    kernels::rms_norm(&k, kn, c.rms_norm_eps)?,
                 ),
                 None => (q, k),
             };
-            let q = ops::rope(&q, &cos, &sin)?;
-            let k = ops::rope(&k, &cos, &sin)?;
+            let q = kernels::rope(&q, &cos, &sin)?;
+            let k = kernels::rope(&k, &cos, &sin)?;
             let attn = match &mut layout {
                 Layout::Packed(lens) => {
                     let mut outs = Vec::with_capacity(lens.len());
@@ -428,21 +429,20 @@ impl Model {
             let attn = attn.reshape((n, c.num_heads * c.head_dim))?;
             x = (x + proj(&attn, Target::O)?)?;
             // MLP block: down(silu(gate(h)) · up(h)).
-            let h = ops::rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
-            let g = proj(&h, Target::Gate)?.silu()?;
+            let h = kernels::rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
+            let g = proj(&h, Target::Gate)?;
             let u = proj(&h, Target::Up)?;
-            x = (x + proj(&(g * u)?, Target::Down)?)?;
+            x = (x + proj(&kernels::swiglu(&g, &u)?, Target::Down)?)?;
         }
         if let Layout::Cached { batch, cache } = layout {
             cache.len += n / batch;
         }
-        ops::rms_norm(&x, &self.norm, c.rms_norm_eps)
+        kernels::rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
 
     /// Causal attention of `q: (B, H, T, D)` over `k, v: (B, Hkv, S, D)`, where query `t` sits
-    /// at position `offset + t` and key `s` at position `s`. Grouped-query heads are attended
-    /// without copying the keys: query head `h` uses kv head `h / (H / Hkv)`, so the queries
-    /// of one kv group are stacked on the time axis.
+    /// at slot `offset + t` and key `s` at slot `s`; rows are left-padded by `pad`. Query head
+    /// `h` uses kv head `h / (H / Hkv)` (grouped-query attention, no copies of the keys).
     fn attend(
         &self,
         q: &Tensor,
@@ -451,59 +451,16 @@ impl Model {
         offset: usize,
         pad: &[usize],
     ) -> Result<Tensor> {
-        let c = &self.config;
-        let (b, heads, t, d) = q.dims4()?;
-        let s = k.dim(2)?;
-        let kvh = c.num_kv_heads;
-        let rep = heads / kvh;
-        let qg = q.contiguous()?.reshape((b, kvh, rep * t, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (qg.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let scores = scores.reshape((b, kvh, rep, t, s))?;
-        let scores = match self.mask(t, s, offset)? {
-            Some(m) => scores.broadcast_add(&m)?,
-            None => scores,
-        };
-        // Left padding of rows with shorter prompts: keys before pad[row] are not attended.
-        let scores = if pad.is_empty() {
-            scores
-        } else {
-            let m: Vec<f32> = pad
-                .iter()
-                .flat_map(|&p| (0..s).map(move |j| if j < p { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            let m = Tensor::from_vec(m, (b, 1, 1, 1, s), &self.device)?;
-            scores.broadcast_add(&m)?
-        };
-        let probs = ops::softmax_last_dim(&scores)?.reshape((b, kvh, rep * t, s))?;
-        let out = probs.matmul(&v.contiguous()?)?;
-        Ok(out.reshape((b, heads, t, d))?)
-    }
-
-    /// The additive mask `(t, s)`: −∞ where key `j` is after query `offset + i`, or (with a
-    /// sliding window `w`) at or beyond `w` positions behind it. `None` when nothing is masked.
-    fn mask(&self, t: usize, s: usize, offset: usize) -> Result<Option<Tensor>> {
-        let window = self.config.sliding_window;
-        let mut any = false;
-        let m: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                let qpos = offset + i;
-                (0..s).map(move |j| {
-                    let future = j > qpos;
-                    let too_old = window.is_some_and(|w| qpos >= w && j <= qpos - w);
-                    if future || too_old {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .inspect(|&v| any |= v != 0.0)
-            .collect();
-        if !any {
-            return Ok(None);
-        }
-        Ok(Some(Tensor::from_vec(m, (t, s), &self.device)?))
+        kernels::attention(
+            q,
+            k,
+            v,
+            AttnMask {
+                offset,
+                window: self.config.sliding_window,
+                pad: pad.to_vec(),
+            },
+        )
     }
 
     /// Logits `(tokens, vocab)` of final hidden states.
