@@ -242,6 +242,115 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear layers: a frozen projection, with or without its LoRA, as one op.
+// ---------------------------------------------------------------------------------------------
+
+/// `y = x·Wᵀ + b (+ s·(x·Aᵀ)·Bᵀ)` with `W`, `b` frozen. As one op the graph keeps `x`, `A`,
+/// `B` and `y` only (composed, it would keep `x·Wᵀ`, `x·Aᵀ`, the scaled low-rank product and
+/// the sum — about four extra output-sized tensors per projection), and the frozen `W` never
+/// gets a gradient. Backward: `dx = g·W + s·(g·B)·A`, `dA = s·(g·B)ᵀ·x`, `dB = s·gᵀ·(x·Aᵀ)`.
+struct Linear {
+    w: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+}
+
+impl Linear {
+    fn base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+fn tensor_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(slice(s, l)?, l.shape(), &candle_core::Device::Cpu)
+}
+
+impl CustomOp1 for Linear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.base(&tensor_of(s, l)?)?;
+        Ok((CpuStorage::F32(values(&y)?), y.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.detach().matmul(&self.w)?))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (tensor_of(s1, l1)?, tensor_of(s2, l2)?, tensor_of(s3, l3)?);
+        let low = (x.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?;
+        let y = (self.base(&x)? + low)?;
+        Ok((CpuStorage::F32(values(&y)?), y.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), g.detach());
+        let gb = (g.matmul(&b)? * self.scale)?; // (N, r)
+        let dx = (g.matmul(&self.w)? + gb.matmul(&a)?)?;
+        let da = gb.t()?.matmul(&x)?;
+        let xa = (x.matmul(&a.t()?)? * self.scale)?; // (N, r)
+        let db = g.t()?.matmul(&xa)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `x·Wᵀ + b`, plus `scale·(x·Aᵀ)·Bᵀ` when a LoRA pair is given; `x: (N, in)`.
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<(&Tensor, &Tensor, f64)>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let mut op = Linear {
+        w: w.clone(),
+        bias: bias.cloned(),
+        scale: 0.0,
+    };
+    Ok(match lora {
+        None if x.track_op() => x.apply_op1(op)?,
+        None => x.apply_op1_no_bwd(&op)?,
+        Some((a, b, scale)) => {
+            op.scale = scale;
+            let (a, b) = (a.contiguous()?, b.contiguous()?);
+            if x.track_op() || a.track_op() || b.track_op() {
+                x.apply_op3(&a, &b, op)?
+            } else {
+                x.apply_op3_no_bwd(&a, &b, &op)?
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Causal grouped-query attention.
 // ---------------------------------------------------------------------------------------------
 
@@ -306,6 +415,43 @@ fn group(q: &Tensor, kvh: usize) -> candle_core::Result<Tensor> {
     q.contiguous()?.reshape((b, kvh, (h / kvh) * t, d))
 }
 
+impl Attention {
+    /// `O = P·V` for `q: (B, H, T, D)`, `k, v: (B, Hkv, S, D)` (plain tensors, no graph).
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        let t = q.dim(2)?;
+        let qg = group(q, k.dim(1)?)?;
+        self.probs(&qg, k, t)?
+            .matmul(&v.contiguous()?)?
+            .reshape(q.shape())
+    }
+
+    /// With P recomputed: dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dO∘O)),
+    /// dQ = scale·dS·K, dK = scale·dSᵀ·Q. Grouped queries make dK, dV sum over the group.
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let kvh = k.dim(1)?;
+        let t = q.dim(2)?;
+        let qg = group(q, kvh)?;
+        let dog = group(grad, kvh)?;
+        let og = group(out, kvh)?;
+        let p = self.probs(&qg, &k, t)?;
+        let dv = p.t()?.matmul(&dog)?;
+        let dp = dog.matmul(&v.t()?)?;
+        let dsum = (&dog * &og)?.sum_keepdim(3)?;
+        let ds = (p * dp.broadcast_sub(&dsum)?)?;
+        let dq = (ds.matmul(&k)? * self.scale)?.reshape(q.shape())?;
+        let dk = (ds.t()?.matmul(&qg)? * self.scale)?;
+        Ok((dq, dk, dv))
+    }
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -320,13 +466,11 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dev = candle_core::Device::Cpu;
-        let q = Tensor::from_slice(slice(s1, l1)?, l1.shape(), &dev)?;
-        let k = Tensor::from_slice(slice(s2, l2)?, l2.shape(), &dev)?;
-        let v = Tensor::from_slice(slice(s3, l3)?, l3.shape(), &dev)?;
-        let (_, _, t, _) = q.dims4()?;
-        let qg = group(&q, k.dim(1)?)?;
-        let o = self.probs(&qg, &k, t)?.matmul(&v)?;
+        let o = self.forward(
+            &tensor_of(s1, l1)?,
+            &tensor_of(s2, l2)?,
+            &tensor_of(s3, l3)?,
+        )?;
         Ok((CpuStorage::F32(values(&o)?), l1.shape().clone()))
     }
 
@@ -338,8 +482,79 @@ impl CustomOp3 for Attention {
         out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // With P recomputed: dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dO∘O)),
-        // dQ = scale·dS·K, dK = scale·dSᵀ·Q. Grouped queries make dK, dV sum over the group.
+        let (dq, dk, dv) = self.backward(
+            &q.detach(),
+            &k.detach(),
+            &v.detach(),
+            &out.detach(),
+            &grad.detach(),
+        )?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Attention over packed sequences in the projections' own layout: `q: (N, H, D)`,
+/// `k, v: (N, Hkv, D)`, sequences of `lens` tokens concatenated on `N`, each causal within
+/// itself and blind to the others. One graph node for the whole batch: the per-sequence
+/// slicing and head-major transposes happen inside, where they cost no gradient buffers.
+struct PackedAttention {
+    lens: Vec<usize>,
+    inner: Attention,
+}
+
+impl PackedAttention {
+    /// `(1, heads, len, D)` views of one sequence of a `(N, heads, D)` tensor.
+    fn seq(t: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        t.narrow(0, start, len)?
+            .transpose(0, 1)?
+            .unsqueeze(0)?
+            .contiguous()
+    }
+
+    /// Back from `(1, heads, len, D)` pieces to `(N, heads, D)`.
+    fn unseq(parts: &[Tensor]) -> candle_core::Result<Tensor> {
+        let parts: Vec<Tensor> = parts
+            .iter()
+            .map(|p| p.squeeze(0)?.transpose(0, 1))
+            .collect::<candle_core::Result<_>>()?;
+        Tensor::cat(&parts, 0)
+    }
+}
+
+impl CustomOp3 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "packed-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (tensor_of(s1, l1)?, tensor_of(s2, l2)?, tensor_of(s3, l3)?);
+        let mut outs = Vec::with_capacity(self.lens.len());
+        let mut start = 0;
+        for &len in &self.lens {
+            let seg = |t: &Tensor| Self::seq(t, start, len);
+            outs.push(self.inner.forward(&seg(&q)?, &seg(&k)?, &seg(&v)?)?);
+            start += len;
+        }
+        let o = Self::unseq(&outs)?;
+        Ok((CpuStorage::F32(values(&o)?), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, out, grad) = (
             q.detach(),
             k.detach(),
@@ -347,20 +562,52 @@ impl CustomOp3 for Attention {
             out.detach(),
             grad.detach(),
         );
-        let kvh = k.dim(1)?;
-        let t = q.dim(2)?;
-        let qg = group(&q, kvh)?;
-        let dog = group(&grad, kvh)?;
-        let og = group(&out, kvh)?;
-        let p = self.probs(&qg, &k, t)?;
-        let dv = p.t()?.matmul(&dog)?;
-        let dp = dog.matmul(&v.t()?)?;
-        let dsum = (&dog * &og)?.sum_keepdim(3)?;
-        let ds = (p * dp.broadcast_sub(&dsum)?)?;
-        let dq = (ds.matmul(&k)? * self.scale)?.reshape(q.shape())?;
-        let dk = (ds.t()?.matmul(&qg)? * self.scale)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
+        let mut start = 0;
+        for &len in &self.lens {
+            let seg = |t: &Tensor| Self::seq(t, start, len);
+            let (dq, dk, dv) =
+                self.inner
+                    .backward(&seg(&q)?, &seg(&k)?, &seg(&v)?, &seg(&out)?, &seg(&grad)?)?;
+            dqs.push(dq);
+            dks.push(dk);
+            dvs.push(dv);
+            start += len;
+        }
+        Ok((
+            Some(Self::unseq(&dqs)?),
+            Some(Self::unseq(&dks)?),
+            Some(Self::unseq(&dvs)?),
+        ))
     }
+}
+
+/// Causal attention over packed sequences: `q: (N, H, D)`, `k, v: (N, Hkv, D)` → `(N, H, D)`.
+pub fn packed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &[usize],
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let d = q.dim(2)?;
+    let op = PackedAttention {
+        lens: lens.to_vec(),
+        inner: Attention {
+            mask: AttnMask {
+                offset: 0,
+                window,
+                pad: vec![],
+            },
+            scale: 1.0 / (d as f64).sqrt(),
+        },
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(if q.track_op() || k.track_op() || v.track_op() {
+        q.apply_op3(&k, &v, op)?
+    } else {
+        q.apply_op3_no_bwd(&k, &v, &op)?
+    })
 }
 
 /// Causal attention of `q: (B, H, T, D)` over `k, v: (B, Hkv, S, D)`, `scale = 1/√D`.
@@ -457,6 +704,106 @@ mod tests {
         );
     }
 
+    #[test]
+    fn lora_linear_matches_composite_and_spares_the_frozen_weight() {
+        let (x, a, b) = (var(&[5, 8], 11), var(&[3, 8], 12), var(&[6, 3], 13));
+        let w = var(&[6, 8], 14);
+        let bias = var(&[6], 15).as_tensor().detach();
+        let wt = w.as_tensor().detach();
+        check(
+            &[&x, &a, &b],
+            &|| {
+                linear(
+                    x.as_tensor(),
+                    &wt,
+                    Some(&bias),
+                    Some((a.as_tensor(), b.as_tensor(), 2.0)),
+                )
+                .unwrap()
+            },
+            &|| {
+                let base = x
+                    .as_tensor()
+                    .matmul(&wt.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap();
+                let low = x
+                    .as_tensor()
+                    .matmul(&a.t().unwrap())
+                    .unwrap()
+                    .matmul(&b.t().unwrap())
+                    .unwrap();
+                (base + (low * 2.0).unwrap()).unwrap()
+            },
+            "lora linear",
+        );
+        check(
+            &[&x],
+            &|| linear(x.as_tensor(), &wt, None, None).unwrap(),
+            &|| x.as_tensor().matmul(&wt.t().unwrap()).unwrap(),
+            "frozen linear",
+        );
+        // The frozen weight is a Var here, and still gets no gradient.
+        let y = linear(
+            x.as_tensor(),
+            w.as_tensor(),
+            None,
+            Some((a.as_tensor(), b.as_tensor(), 1.0)),
+        )
+        .unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&w).is_none());
+    }
+
+    #[test]
+    fn packed_attention_equals_attention_per_sequence() {
+        let lens = [3usize, 5, 1];
+        let n: usize = lens.iter().sum();
+        let (q, k, v) = (
+            var(&[n, 4, 4], 21),
+            var(&[n, 2, 4], 22),
+            var(&[n, 2, 4], 23),
+        );
+        let per_seq = || {
+            let mut outs = vec![];
+            let mut start = 0;
+            for &len in &lens {
+                let seg = |t: &Tensor| {
+                    t.narrow(0, start, len)
+                        .unwrap()
+                        .transpose(0, 1)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap()
+                };
+                let m = AttnMask {
+                    offset: 0,
+                    window: Some(2),
+                    pad: vec![],
+                };
+                let o = reference(
+                    &seg(q.as_tensor()),
+                    &seg(k.as_tensor()),
+                    &seg(v.as_tensor()),
+                    &m,
+                );
+                outs.push(o.squeeze(0).unwrap().transpose(0, 1).unwrap());
+                start += len;
+            }
+            Tensor::cat(&outs, 0).unwrap()
+        };
+        check(
+            &[&q, &k, &v],
+            &|| {
+                packed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &lens, Some(2))
+                    .unwrap()
+            },
+            &per_seq,
+            "packed attention",
+        );
+    }
+
     /// The composite reference: scores, additive mask, softmax, weighted sum, per head.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, m: &AttnMask) -> Tensor {
         let (b, h, t, d) = q.dims4().unwrap();
@@ -479,8 +826,8 @@ mod tests {
         let mask = Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).unwrap();
         let idx: Vec<u32> = (0..h).map(|x| (x / rep) as u32).collect();
         let idx = Tensor::new(idx.as_slice(), &Device::Cpu).unwrap();
-        let kr = k.index_select(&idx, 1).unwrap();
-        let vr = v.index_select(&idx, 1).unwrap();
+        let kr = k.contiguous().unwrap().index_select(&idx, 1).unwrap();
+        let vr = v.contiguous().unwrap().index_select(&idx, 1).unwrap();
         let scores = (q.matmul(&kr.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
         let p = ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
         p.matmul(&vr).unwrap()

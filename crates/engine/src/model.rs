@@ -308,17 +308,25 @@ impl Model {
         lora: Option<&LoraSiteWeights>,
         dropout: Option<(f64, &mut DropoutRng)>,
     ) -> Result<Tensor> {
-        let y = ops::frozen_linear(x, &lin.weight, lin.bias.as_ref())?;
-        let Some(site) = lora else { return Ok(y) };
-        let xin = match dropout {
-            Some((p, rng)) if p > 0.0 => {
-                let mask = rng.mask(x.dims2()?, p, x.device())?;
-                (x * mask)?
-            }
-            _ => x.clone(),
+        let Some(site) = lora else {
+            return kernels::linear(x, &lin.weight, lin.bias.as_ref(), None);
         };
-        let low = xin.matmul(&site.a.t()?)?.matmul(&site.b.t()?)?;
-        Ok((y + (low * site.scaling)?)?)
+        match dropout {
+            // Dropout masks the adapter's input only, so the low-rank path is composed apart.
+            Some((p, rng)) if p > 0.0 => {
+                let y = kernels::linear(x, &lin.weight, lin.bias.as_ref(), None)?;
+                let mask = rng.mask(x.dims2()?, p, x.device())?;
+                let low =
+                    ((x * mask)?.matmul(&site.a.t()?)? * site.scaling)?.matmul(&site.b.t()?)?;
+                Ok((y + low)?)
+            }
+            _ => kernels::linear(
+                x,
+                &lin.weight,
+                lin.bias.as_ref(),
+                Some((&site.a, &site.b, site.scaling)),
+            ),
+        }
     }
 
     /// Runs the decoder over `tokens` and returns the final-normed hidden states
@@ -389,17 +397,7 @@ impl Model {
             let k = kernels::rope(&k, &cos, &sin)?;
             let attn = match &mut layout {
                 Layout::Packed(lens) => {
-                    let mut outs = Vec::with_capacity(lens.len());
-                    let mut start = 0;
-                    for &len in lens.iter() {
-                        let seg = |t: &Tensor| -> Result<Tensor> {
-                            Ok(t.narrow(0, start, len)?.transpose(0, 1)?.unsqueeze(0)?)
-                        };
-                        let o = self.attend(&seg(&q)?, &seg(&k)?, &seg(&v)?, 0, &[])?;
-                        outs.push(o.squeeze(0)?.transpose(0, 1)?);
-                        start += len;
-                    }
-                    Tensor::cat(&outs, 0)?
+                    kernels::packed_attention(&q, &k, &v, lens, c.sliding_window)?
                 }
                 Layout::Cached { batch, cache } => {
                     let b = *batch;
@@ -465,7 +463,7 @@ impl Model {
 
     /// Logits `(tokens, vocab)` of final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        ops::frozen_linear(hidden, &self.lm_head, None)
+        kernels::linear(hidden, &self.lm_head, None, None)
     }
 
     /// Logprobs of `targets` (one per row of `hidden`).

@@ -1,12 +1,11 @@
-//! The differentiable operations the decoder is built from.
+//! Differentiable operations composed from candle's core ops, the logprob-of-target op, and
+//! RoPE tables.
 //!
-//! Traps avoided here (see candle-notes): candle's fused `softmax_last_dim`, `rms_norm` and
-//! `rope` cut the autograd graph silently, so these are composed from core ops or given an
-//! explicit backward; and candle's matmul backward computes a gradient for *both* operands,
-//! so a frozen weight would cost a weight-sized GEMM per step — [`frozen_linear`] gives the
-//! input its gradient and nothing else.
+//! Trap avoided here (see candle-notes): candle-nn's fused `softmax_last_dim`, `rms_norm` and
+//! `rope` cut the autograd graph silently, so whet never uses candle-nn. The composites here
+//! are the references the fused kernels in [`crate::kernels`] are tested against.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::EngineError;
@@ -20,55 +19,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("expected a contiguous tensor"),
     }
-}
-
-/// Identity on its first argument (a value computed outside the graph); its backward gives
-/// the second argument (`x`) the gradient `grad · W`. This attaches `y = x·Wᵀ` to the graph
-/// without ever computing the gradient of the frozen `W`.
-struct FrozenMatmulGrad {
-    w: Tensor,
-}
-
-impl CustomOp2 for FrozenMatmulGrad {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = f32_slice(s1, l1)?;
-        Ok((CpuStorage::F32(y.to_vec()), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _y: &Tensor,
-        _x: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // d(x·Wᵀ)/dx = grad · W  — (N, out)·(out, in) = (N, in).
-        Ok((None, Some(grad_res.matmul(&self.w)?)))
-    }
-}
-
-/// `x·Wᵀ (+ b)` for a frozen weight `W: (out, in)`: the gradient flows to `x` only.
-pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = if x.track_op() {
-        let value = x.detach().matmul(&w.t()?)?;
-        value.apply_op2(x, FrozenMatmulGrad { w: w.clone() })?
-    } else {
-        x.matmul(&w.t()?)?
-    };
-    Ok(match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
 }
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · w`, composed from core ops
@@ -240,21 +190,6 @@ mod tests {
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{x} vs {y}");
         }
-    }
-
-    #[test]
-    fn frozen_linear_gives_input_grad_only() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 4), &dev).unwrap()).unwrap();
-        let w = Tensor::randn(0f32, 1., (3, 4), &dev).unwrap();
-        let y = frozen_linear(x.as_tensor(), &w, None).unwrap();
-        close(&y, &x.matmul(&w.t().unwrap()).unwrap(), 1e-6);
-        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        // Reference: the plain matmul's input gradient.
-        let y2 = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-        let g2 = y2.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        close(grads.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-5);
-        assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
     }
 
     #[test]
