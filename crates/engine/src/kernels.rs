@@ -255,9 +255,24 @@ struct Linear {
     scale: f64,
 }
 
+/// Rows at or below which [`matmul_few_rows`] replaces `x·Wᵀ`.
+const FEW_ROWS: usize = 32;
+
+/// `y = x·Wᵀ` for a few rows of `x` (decoding: one new token per sequence), computed as
+/// `(W·xᵀ)ᵀ`: with `W` as the tall left operand and the tiny `xᵀ` made contiguous, the GEMM
+/// runs about 1.5–2× faster at 16 rows than with `W` transposed on the right.
+/// `x: (m, k)`, `w: (n, k)` → `(m, n)`.
+fn matmul_few_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    w.matmul(&x.t()?.contiguous()?)?.t()?.contiguous()
+}
+
 impl Linear {
     fn base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let y = if x.dim(0)? <= FEW_ROWS && x.device().is_cpu() {
+            matmul_few_rows(x, &self.w)?
+        } else {
+            x.matmul(&self.w.t()?)?
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -802,6 +817,21 @@ mod tests {
             &per_seq,
             "packed attention",
         );
+    }
+
+    #[test]
+    fn few_row_matmul_matches_gemm() {
+        for (m, k, n) in [(1usize, 37usize, 130usize), (16, 576, 200), (32, 5, 3)] {
+            let x = var(&[m, k], 31).as_tensor().detach();
+            let w = var(&[n, k], 32).as_tensor().detach();
+            let got = matmul_few_rows(&x, &w).unwrap();
+            close(
+                &got,
+                &x.matmul(&w.t().unwrap()).unwrap(),
+                1e-5,
+                "few-row matmul",
+            );
+        }
     }
 
     /// The composite reference: scores, additive mask, softmax, weighted sum, per head.

@@ -75,8 +75,8 @@ pub fn rope_tables(
     ))
 }
 
-/// Row-wise log-sum-exp of a `(rows, vocab)` slice, accumulated in f64.
-fn row_lse(row: &[f32]) -> f64 {
+/// Log-sum-exp of one row of logits, accumulated in f64.
+pub fn row_lse(row: &[f32]) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
     let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
     max + sum.ln()

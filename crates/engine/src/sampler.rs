@@ -18,7 +18,7 @@ use whet_lora::LoraWeights;
 
 use crate::batch::check_tokens;
 use crate::model::{KvCache, Layout, Model};
-use crate::ops::log_softmax_rows;
+use crate::ops::{log_softmax_rows, row_lse};
 use crate::EngineError;
 
 /// Turns token ids back into text (for stop strings).
@@ -207,12 +207,14 @@ impl Sampler {
             loop {
                 let mut next = Vec::with_capacity(active.len());
                 let mut keep = Vec::with_capacity(active.len());
-                let lps = log_softmax_rows(&Tensor::new(rows, self.model.device())?)?;
                 for (j, &s) in active.iter().enumerate() {
-                    let tok = choose(&lps[j], params, &mut rngs[s]);
+                    let row = &rows[j];
+                    let tok = choose(row, params, &mut rngs[s]);
                     let seq = &mut seqs[s];
                     seq.tokens.push(tok as i64);
-                    seq.logprobs.push(lps[j][tok as usize]);
+                    // The model's own logprob: log_softmax of the raw logits.
+                    seq.logprobs
+                        .push((row[tok as usize] as f64 - row_lse(row)) as f32);
                     if stops.tokens.contains(&tok) || self.hits_stop_string(seq, &stops) {
                         seq.stop_reason = StopReason::Stop;
                     } else if seq.tokens.len() < limit[s] {
@@ -334,7 +336,9 @@ fn top_k(row: &[f32], k: usize) -> Vec<(i64, f32)> {
 }
 
 /// Picks the next token from raw logits: argmax at temperature 0, else a draw from
-/// `softmax(logits / T)` restricted to the top-k tokens and then to the top-p nucleus.
+/// `softmax(logits / T)` restricted to the top-k tokens and then to the top-p nucleus. Only
+/// the candidates top-k/top-p need are ever sorted (a full-vocabulary sort per token would
+/// cost more than the model's forward pass at small batch).
 fn choose(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
     if p.temperature == 0.0 {
         // First maximum wins, as torch.argmax.
@@ -346,26 +350,37 @@ fn choose(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
         }
         return best as u32;
     }
-    let t = p.temperature;
-    let mut cand: Vec<(usize, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| (i, x as f64 / t))
-        .collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if p.top_k > 0 {
-        cand.truncate(p.top_k as usize);
+    let inv_t = 1.0 / p.temperature;
+    let mut cand: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit_desc = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if p.top_k > 0 && (p.top_k as usize) < cand.len() {
+        let k = p.top_k as usize;
+        cand.select_nth_unstable_by(k - 1, by_logit_desc);
+        cand.truncate(k);
     }
-    let max = cand[0].1;
-    let mut probs: Vec<f64> = cand.iter().map(|&(_, x)| (x - max).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|q| *q /= total);
     if p.top_p < 1.0 {
-        // Smallest prefix whose mass reaches top_p (the token crossing it is kept).
+        cand.sort_unstable_by(by_logit_desc);
+    }
+    let max = cand
+        .iter()
+        .map(|&i| logits[i as usize])
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<f64> = cand
+        .iter()
+        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+        .collect();
+    if p.top_p < 1.0 {
+        // Smallest prefix (most likely first) whose mass reaches top_p; the token crossing
+        // the threshold is kept.
+        let total: f64 = probs.iter().sum();
         let mut acc = 0.0;
         let mut keep = probs.len();
         for (i, q) in probs.iter().enumerate() {
-            acc += q;
+            acc += q / total;
             if acc >= p.top_p {
                 keep = i + 1;
                 break;
@@ -378,11 +393,11 @@ fn choose(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
     let mut u = rng.random::<f64>() * total;
     for (i, q) in probs.iter().enumerate() {
         if u < *q {
-            return cand[i].0 as u32;
+            return cand[i];
         }
         u -= q;
     }
-    cand[probs.len() - 1].0 as u32
+    cand[probs.len() - 1]
 }
 
 impl SamplingClient for Sampler {
