@@ -145,6 +145,14 @@ impl KvCache {
 pub enum Layout<'a> {
     /// Independent sequences of these lengths, concatenated.
     Packed(&'a [usize]),
+    /// Packed sequences whose keys and values are kept: one single-row cache per sequence,
+    /// ready to decode from (prefilling many prompts in one pass).
+    Prefill {
+        /// Sequence lengths.
+        lens: &'a [usize],
+        /// Filled with one cache per sequence.
+        caches: &'a mut Vec<KvCache>,
+    },
     /// `batch` sequences, each adding `tokens / batch` new tokens to the cache.
     Cached {
         /// Number of sequences.
@@ -348,6 +356,18 @@ impl Model {
                 let pos: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
                 (pos, Layout::Packed(lens))
             }
+            Layout::Prefill { lens, caches } => {
+                let pos: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+                *caches = lens
+                    .iter()
+                    .map(|&len| KvCache {
+                        layers: vec![None; c.num_layers],
+                        len,
+                        pad: vec![],
+                    })
+                    .collect();
+                (pos, Layout::Prefill { lens, caches })
+            }
             Layout::Cached { batch, cache } => {
                 if batch == 0 || !n.is_multiple_of(batch) {
                     return Err(EngineError::Internal(format!(
@@ -397,6 +417,21 @@ impl Model {
             let k = kernels::rope(&k, &cos, &sin)?;
             let attn = match &mut layout {
                 Layout::Packed(lens) => {
+                    kernels::packed_attention(&q, &k, &v, lens, c.sliding_window)?
+                }
+                Layout::Prefill { lens, caches } => {
+                    let mut start = 0;
+                    for (&len, cache) in lens.iter().zip(caches.iter_mut()) {
+                        // (len, Hkv, D) → (1, Hkv, len, D), the cache layout.
+                        let seq = |t: &Tensor| -> Result<Tensor> {
+                            Ok(t.narrow(0, start, len)?
+                                .transpose(0, 1)?
+                                .unsqueeze(0)?
+                                .contiguous()?)
+                        };
+                        cache.layers[li] = Some((seq(&k)?, seq(&v)?));
+                        start += len;
+                    }
                     kernels::packed_attention(&q, &k, &v, lens, c.sliding_window)?
                 }
                 Layout::Cached { batch, cache } => {

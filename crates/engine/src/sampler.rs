@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use whet_contract::{
     ContractError, ModelInput, SampleResponse, SampledSequence, SamplingClient, SamplingParams,
     Stop, StopReason,
@@ -154,12 +155,29 @@ impl Sampler {
             .map(|p| self.prompt_tokens(p))
             .collect::<Result<_, _>>()?;
         check_params(params)?;
-        let mut prefilled = Vec::with_capacity(prompts.len());
-        for p in &prompts {
-            let (cache, hidden) = self.prefill(p)?;
-            let last = self.model.logits(&hidden.narrow(0, p.len() - 1, 1)?)?;
-            prefilled.push((cache, last.squeeze(0)?.to_vec1::<f32>()?));
-        }
+        // All prompts prefilled in one packed pass; each keeps its own cache.
+        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let flat: Vec<u32> = prompts.iter().flatten().copied().collect();
+        let mut caches = Vec::new();
+        let hidden = self.model.forward_hidden(
+            &flat,
+            Layout::Prefill {
+                lens: &lens,
+                caches: &mut caches,
+            },
+            self.lora.as_ref(),
+            None,
+        )?;
+        let last: Vec<u32> = lens
+            .iter()
+            .scan(0usize, |end, &l| {
+                *end += l;
+                Some((*end - 1) as u32)
+            })
+            .collect();
+        let rows = hidden.index_select(&Tensor::new(last.as_slice(), hidden.device())?, 0)?;
+        let firsts: Vec<Vec<f32>> = self.model.logits(&rows)?.to_vec2()?;
+        let prefilled: Vec<(KvCache, Vec<f32>)> = caches.into_iter().zip(firsts).collect();
         self.decode(&prompts, prefilled, n, params)
     }
 
@@ -191,10 +209,12 @@ impl Sampler {
         let mut active: Vec<usize> = (0..total).filter(|&s| limit[s] > 0).collect();
         if !active.is_empty() {
             let base_seed = params.seed.unwrap_or_else(rand::random);
-            let mut rngs: Vec<rand::rngs::StdRng> = (0..total as u64)
-                .map(|i| {
+            // One random stream per sequence, ordered like the batch rows (`active`).
+            let mut rngs: Vec<rand::rngs::StdRng> = active
+                .iter()
+                .map(|&i| {
                     rand::rngs::StdRng::seed_from_u64(
-                        base_seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                        base_seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                     )
                 })
                 .collect();
@@ -207,14 +227,17 @@ impl Sampler {
             loop {
                 let mut next = Vec::with_capacity(active.len());
                 let mut keep = Vec::with_capacity(active.len());
+                // Rows are independent: pick their tokens in parallel.
+                let picks: Vec<(u32, f32)> = rows
+                    .par_iter()
+                    .zip(rngs.par_iter_mut())
+                    .map(|(row, rng)| pick(row, params, rng))
+                    .collect();
                 for (j, &s) in active.iter().enumerate() {
-                    let row = &rows[j];
-                    let tok = choose(row, params, &mut rngs[s]);
+                    let (tok, logprob) = picks[j];
                     let seq = &mut seqs[s];
                     seq.tokens.push(tok as i64);
-                    // The model's own logprob: log_softmax of the raw logits.
-                    seq.logprobs
-                        .push((row[tok as usize] as f64 - row_lse(row)) as f32);
+                    seq.logprobs.push(logprob);
                     if stops.tokens.contains(&tok) || self.hits_stop_string(seq, &stops) {
                         seq.stop_reason = StopReason::Stop;
                     } else if seq.tokens.len() < limit[s] {
@@ -228,6 +251,12 @@ impl Sampler {
                 if keep.len() != active.len() {
                     cache.select(&keep)?;
                     active = keep.iter().map(|&j| active[j as usize]).collect();
+                    let mut old: Vec<Option<rand::rngs::StdRng>> =
+                        rngs.into_iter().map(Some).collect();
+                    rngs = keep
+                        .iter()
+                        .filter_map(|&j| old[j as usize].take())
+                        .collect();
                 }
                 let hidden = self.model.forward_hidden(
                     &next,
@@ -333,6 +362,33 @@ fn top_k(row: &[f32], k: usize) -> Vec<(i64, f32)> {
     idx.truncate(k);
     idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
     idx.into_iter().map(|i| (i as i64, row[i])).collect()
+}
+
+/// The next token of a row of raw logits and its logprob under the model (`log_softmax` of
+/// the raw logits, before temperature, top-k and top-p). Plain sampling (no top-k/top-p) and
+/// greedy decoding take two passes over the vocabulary and no allocation beyond one buffer.
+fn pick(row: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> (u32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let filtered = p.top_k > 0 || p.top_p < 1.0;
+    let tok = if p.temperature == 0.0 || filtered {
+        choose(row, p, rng)
+    } else {
+        // exp((x − max)/T), then a draw by cumulative mass.
+        let inv_t = (1.0 / p.temperature) as f32;
+        let weights: Vec<f32> = row.iter().map(|&x| ((x - max) * inv_t).exp()).collect();
+        let total: f64 = weights.iter().map(|&w| w as f64).sum();
+        let mut u = rng.random::<f64>() * total;
+        let mut tok = row.len() - 1;
+        for (i, &w) in weights.iter().enumerate() {
+            if u < w as f64 {
+                tok = i;
+                break;
+            }
+            u -= w as f64;
+        }
+        tok as u32
+    };
+    (tok, (row[tok as usize] as f64 - row_lse(row)) as f32)
 }
 
 /// Picks the next token from raw logits: argmax at temperature 0, else a draw from

@@ -529,3 +529,56 @@ fn smollm2_greedy_decoding_equals_transformers() {
         }
     }
 }
+
+/// Prompts of different lengths decoded as one batch (prefilled together, left-padded caches)
+/// give each sequence the logprobs `forward` gives, and greedy decoding the same tokens as
+/// decoding each prompt alone.
+#[test]
+fn batched_prompts_of_different_lengths_decode_like_single_ones() {
+    for name in ["tiny-llama", "tiny-mistral"] {
+        let f = fixture(name);
+        let mut s = f.session(true);
+        let sampler = whet_engine::Sampler::new(
+            f.model.clone(),
+            Some(s.adapter().sampling_weights().unwrap()),
+            SamplerOptions::default(),
+        );
+        let prompts: Vec<Vec<i64>> =
+            vec![vec![5, 9, 2], vec![7, 1, 3, 8, 60, 11, 4, 90, 12], vec![40]];
+        let inputs: Vec<ModelInput> = prompts.iter().cloned().map(ModelInput::from_ints).collect();
+        let params = SamplingParams {
+            max_tokens: Some(10),
+            seed: Some(3),
+            stop: Some(whet_contract::Stop::Tokens(vec![])),
+            ..SamplingParams::default()
+        };
+        let batch = sampler.sample_many(&inputs, 2, &params).unwrap();
+        for (prompt, seqs) in prompts.iter().zip(&batch) {
+            for seq in seqs {
+                let mut all = prompt.clone();
+                all.extend(&seq.tokens);
+                let datum = Datum {
+                    model_input: ModelInput::from_ints(all[..all.len() - 1].to_vec()),
+                    loss_fn_inputs: BTreeMap::from([(
+                        "target_tokens".to_string(),
+                        whet_contract::TensorData::from_i64(all[1..].to_vec()),
+                    )]),
+                };
+                let out = s
+                    .forward(&[datum], LossFn::CrossEntropy, &LossFnConfig::new())
+                    .unwrap();
+                let d = max_abs_diff(&logprobs_of(&out)[0][prompt.len() - 1..], &seq.logprobs);
+                assert!(d < 1e-4, "{name}: batched sampler vs forward differ by {d}");
+            }
+        }
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..params
+        };
+        let together = sampler.sample_many(&inputs, 1, &greedy).unwrap();
+        for (input, seqs) in inputs.iter().zip(&together) {
+            let alone = sampler.sample(input, 1, &greedy, false, 0).unwrap();
+            assert_eq!(seqs[0].tokens, alone.sequences[0].tokens, "{name}");
+        }
+    }
+}
