@@ -369,6 +369,23 @@ fn resuming_from_saved_state_is_bitwise_identical() {
     assert_eq!(straight.optimizer(), resumed.optimizer());
 }
 
+/// `forward`'s logprobs of `tokens` following `prompt` (position i predicts token i + 1).
+fn continuation_logprobs(s: &mut TrainingSession, prompt: &[i64], tokens: &[i64]) -> Vec<f32> {
+    let mut all = prompt.to_vec();
+    all.extend(tokens);
+    let datum = Datum {
+        model_input: ModelInput::from_ints(all[..all.len() - 1].to_vec()),
+        loss_fn_inputs: BTreeMap::from([(
+            "target_tokens".to_string(),
+            whet_contract::TensorData::from_i64(all[1..].to_vec()),
+        )]),
+    };
+    let out = s
+        .forward(&[datum], LossFn::CrossEntropy, &LossFnConfig::new())
+        .unwrap();
+    logprobs_of(&out)[0][prompt.len() - 1..].to_vec()
+}
+
 #[test]
 fn sampled_logprobs_equal_forward_logprobs() {
     for name in ["tiny-qwen3", "tiny-mistral"] {
@@ -402,23 +419,8 @@ fn sampled_logprobs_equal_forward_logprobs() {
         }
         for seq in &resp.sequences {
             assert_eq!(seq.tokens.len(), 12);
-            // Score prompt + sample with forward: position i predicts token i + 1.
-            let mut all = prompt.clone();
-            all.extend(&seq.tokens);
-            let input = all[..all.len() - 1].to_vec();
-            let targets = all[1..].to_vec();
-            let datum = Datum {
-                model_input: ModelInput::from_ints(input),
-                loss_fn_inputs: BTreeMap::from([(
-                    "target_tokens".to_string(),
-                    whet_contract::TensorData::from_i64(targets),
-                )]),
-            };
-            let out = s
-                .forward(&[datum], LossFn::CrossEntropy, &LossFnConfig::new())
-                .unwrap();
-            let lp = &logprobs_of(&out)[0][prompt.len() - 1..];
-            let d = max_abs_diff(lp, &seq.logprobs);
+            let lp = continuation_logprobs(&mut s, &prompt, &seq.tokens);
+            let d = max_abs_diff(&lp, &seq.logprobs);
             assert!(
                 d < 1e-4,
                 "{name}: sampler vs forward logprobs differ by {d}"
@@ -555,19 +557,8 @@ fn batched_prompts_of_different_lengths_decode_like_single_ones() {
         let batch = sampler.sample_many(&inputs, 2, &params).unwrap();
         for (prompt, seqs) in prompts.iter().zip(&batch) {
             for seq in seqs {
-                let mut all = prompt.clone();
-                all.extend(&seq.tokens);
-                let datum = Datum {
-                    model_input: ModelInput::from_ints(all[..all.len() - 1].to_vec()),
-                    loss_fn_inputs: BTreeMap::from([(
-                        "target_tokens".to_string(),
-                        whet_contract::TensorData::from_i64(all[1..].to_vec()),
-                    )]),
-                };
-                let out = s
-                    .forward(&[datum], LossFn::CrossEntropy, &LossFnConfig::new())
-                    .unwrap();
-                let d = max_abs_diff(&logprobs_of(&out)[0][prompt.len() - 1..], &seq.logprobs);
+                let lp = continuation_logprobs(&mut s, prompt, &seq.tokens);
+                let d = max_abs_diff(&lp, &seq.logprobs);
                 assert!(d < 1e-4, "{name}: batched sampler vs forward differ by {d}");
             }
         }
