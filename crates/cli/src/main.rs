@@ -8,27 +8,6 @@ mod sample_cmd;
 
 use clap::{Parser, Subcommand};
 
-/// Tensor code allocates and frees large buffers at a high rate; glibc's malloc hands them back
-/// to the kernel each time, and the page faults of re-mapping them cost a fifth of a training
-/// step. mimalloc keeps and reuses them (see [`tune_allocator`]).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Keeps freed memory committed for reuse (never purged), on 2 MiB pages where the kernel
-/// allows: measured on SmolLM2 LoRA SFT, this takes kernel page-zeroing from about a quarter
-/// of a step's CPU time to a few percent. Option ids are mimalloc's `mi_option_e`.
-fn tune_allocator() {
-    const ARENA_EAGER_COMMIT: i32 = 4;
-    const ALLOW_LARGE_OS_PAGES: i32 = 6;
-    const PURGE_DELAY: i32 = 15;
-    // SAFETY: plain option setters, called before any worker thread exists.
-    unsafe {
-        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
-        libmimalloc_sys::mi_option_set(ALLOW_LARGE_OS_PAGES, 1);
-        libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
-    }
-}
-
 /// whet — a native training engine for LLM adapters (Tinker's contract, on your machine).
 ///
 /// A model (M) is a Hugging Face directory, a .gguf file, or a hub id already in the local
@@ -58,7 +37,7 @@ enum Command {
 }
 
 fn main() {
-    tune_allocator();
+    whet::allocator::tune();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",
