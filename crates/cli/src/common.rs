@@ -11,6 +11,17 @@ use whet_data::Tokenizer;
 use whet_engine::{Detokenize, Model, ModelSource, SamplerOptions};
 use whet_lora::LoraAdapter;
 
+/// The model flags of the commands that run one: `--model M [--adapter A]`.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// The base model: a Hugging Face directory, a .gguf file or a cached hub id.
+    #[arg(long)]
+    pub model: String,
+    /// A PEFT adapter directory applied on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
 /// A base model ready to use, with its tokenizer.
 pub struct Loaded {
     /// What the user typed.

@@ -12,12 +12,8 @@ use crate::common;
 /// Arguments of `whet logprobs`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The base model: a Hugging Face directory, a .gguf file or a cached hub id.
-    #[arg(long)]
-    model: String,
-    /// A PEFT adapter directory applied on top of the model.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    m: common::ModelArgs,
     /// Tinker datums, one JSON object per line.
     #[arg(long)]
     data: PathBuf,
@@ -32,12 +28,12 @@ const CHUNK: usize = 16;
 /// Prints `{"logprobs": [...], "loss": −Σ weights·lp}` per datum, in order.
 pub fn run(a: Args) -> Result<()> {
     let data = whet_data::read_datums_jsonl(&a.data)?;
-    let loaded = common::load(&a.model, false)?;
+    let loaded = common::load(&a.m.model, false)?;
     // Every datum is checked before any compute.
     whet_engine::batch::prepare(&data, LossFn::CrossEntropy, &loaded.model.config)
         .with_context(|| format!("checking {}", a.data.display()))?;
     let ckpt = tempfile::tempdir()?;
-    let adapter = match &a.adapter {
+    let adapter = match &a.m.adapter {
         Some(dir) => common::load_adapter(&loaded, dir)?,
         None => whet_lora::LoraAdapter::init(
             whet_lora::LoraConfig {

@@ -1,7 +1,5 @@
 //! `whet sample`: complete a chat prompt with the model's own template.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use whet_contract::{ModelInput, SamplingClient, SamplingParams, Stop, StopReason};
@@ -12,12 +10,8 @@ use crate::common;
 /// Arguments of `whet sample`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The base model: a Hugging Face directory, a .gguf file or a cached hub id.
-    #[arg(long)]
-    model: String,
-    /// A PEFT adapter directory applied on top of the model.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    m: common::ModelArgs,
     /// The user message (rendered as one user turn).
     #[arg(
         long,
@@ -89,9 +83,9 @@ fn messages(a: &Args) -> Result<Vec<Value>> {
 /// Samples and prints the completions.
 pub fn run(a: Args) -> Result<()> {
     let msgs = messages(&a)?;
-    let loaded = common::load(&a.model, true)?;
+    let loaded = common::load(&a.m.model, true)?;
     let prompt = loaded.tokenizer()?.apply_chat_template(&msgs, None, true)?;
-    let lora = match &a.adapter {
+    let lora = match &a.m.adapter {
         Some(dir) => Some(common::load_adapter(&loaded, dir)?.sampling_weights()?),
         None => None,
     };

@@ -393,19 +393,14 @@ fn sampled_logprobs_equal_forward_logprobs() {
         let mut s = f.session(true);
         let sampler = s.sampling_client().unwrap();
         let prompt: Vec<i64> = vec![3, 17, 42, 9, 100, 5];
+        let params = SamplingParams {
+            max_tokens: Some(12),
+            seed: Some(1),
+            stop: Some(whet_contract::Stop::Tokens(vec![])),
+            ..SamplingParams::default()
+        };
         let resp = sampler
-            .sample(
-                &ModelInput::from_ints(prompt.clone()),
-                3,
-                &SamplingParams {
-                    max_tokens: Some(12),
-                    seed: Some(1),
-                    stop: Some(whet_contract::Stop::Tokens(vec![])),
-                    ..SamplingParams::default()
-                },
-                true,
-                0,
-            )
+            .sample(&ModelInput::from_ints(prompt.clone()), 3, &params, true, 0)
             .unwrap();
         assert_eq!(resp.sequences.len(), 3);
         // The prompt logprobs equal compute_logprobs.
@@ -428,18 +423,7 @@ fn sampled_logprobs_equal_forward_logprobs() {
         }
         // Same seed, same samples.
         let again = sampler
-            .sample(
-                &ModelInput::from_ints(prompt.clone()),
-                3,
-                &SamplingParams {
-                    max_tokens: Some(12),
-                    seed: Some(1),
-                    stop: Some(whet_contract::Stop::Tokens(vec![])),
-                    ..SamplingParams::default()
-                },
-                false,
-                0,
-            )
+            .sample(&ModelInput::from_ints(prompt.clone()), 3, &params, false, 0)
             .unwrap();
         assert_eq!(
             again
