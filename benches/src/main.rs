@@ -16,7 +16,7 @@ use serde_json::json;
 use whet_contract::{
     AdamParams, LossFn, LossFnConfig, ModelInput, SamplingParams, Stop, TrainingClient,
 };
-use whet_engine::{load_model, Sampler, SamplerOptions, TrainingSession};
+use whet_engine::{load_model, Precision, Sampler, SamplerOptions, TrainingSession};
 use whet_lora::{LoraConfig, Target};
 
 #[derive(Parser)]
@@ -60,6 +60,9 @@ enum Cmd {
         /// Save the trained adapter (PEFT format) here afterwards.
         #[arg(long)]
         save_adapter: Option<PathBuf>,
+        /// The base model's precision: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
         /// Print one JSON line.
         #[arg(long)]
         json: bool,
@@ -75,6 +78,9 @@ enum Cmd {
         /// New tokens per prompt.
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
+        /// The base model's precision: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
         /// Print one JSON line.
         #[arg(long)]
         json: bool,
@@ -96,7 +102,7 @@ fn peak_rss_bytes() -> u64 {
 }
 
 fn main() -> Result<()> {
-    whet::allocator::tune();
+    whet::runtime::init();
     match Cli::parse().command {
         Cmd::Sft {
             model,
@@ -109,11 +115,12 @@ fn main() -> Result<()> {
             lr,
             token_budget,
             save_adapter,
+            precision,
             json,
         } => {
             let datums = whet_data::read_datums_jsonl(&data)?;
             anyhow::ensure!(!datums.is_empty(), "{}: no datums", data.display());
-            let (_, m) = load_model(&model, &Device::Cpu)?;
+            let (_, m) = load_model(&model, &Device::Cpu, precision)?;
             let cfg = LoraConfig {
                 rank,
                 alpha,
@@ -168,6 +175,7 @@ fn main() -> Result<()> {
             let _ = std::fs::remove_dir_all(&ckpt);
             let report = json!({
                 "variant": "whet",
+                "precision": precision.to_string(),
                 "trained_tokens_per_s": timed_tokens as f64 / timed,
                 "s_per_step": timed / steps.max(1) as f64,
                 "peak_rss_bytes": peak_rss_bytes(),
@@ -180,6 +188,7 @@ fn main() -> Result<()> {
             model,
             prompts,
             max_tokens,
+            precision,
             json,
         } => {
             let text = std::fs::read_to_string(&prompts)
@@ -196,7 +205,7 @@ fn main() -> Result<()> {
                     Ok(ModelInput::from_ints(tokens))
                 })
                 .collect::<Result<_>>()?;
-            let (_, m) = load_model(&model, &Device::Cpu)?;
+            let (_, m) = load_model(&model, &Device::Cpu, precision)?;
             let sampler = Sampler::new(m, None, SamplerOptions::default());
             let params = SamplingParams {
                 max_tokens: Some(max_tokens),
@@ -220,6 +229,7 @@ fn main() -> Result<()> {
             let new_tokens: usize = out.iter().flatten().map(|s| s.tokens.len()).sum();
             let report = json!({
                 "variant": "whet",
+                "precision": precision.to_string(),
                 "new_tokens_per_s": new_tokens as f64 / secs,
                 "seconds": secs,
                 "new_tokens": new_tokens,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use whet_engine::{merge, ModelSource};
+use whet_engine::{merge, ModelSource, Precision};
 
 use crate::common;
 
@@ -45,7 +45,7 @@ pub fn run(c: Command) -> Result<()> {
     }
     // A GGUF model has no tokenizer files: the merged directory gets the ones whet builds.
     let is_gguf = matches!(ModelSource::resolve(&model)?, ModelSource::Gguf(_));
-    let loaded = common::load(&model, is_gguf)?;
+    let loaded = common::load(&model, Precision::F32, is_gguf)?;
     let lora = common::load_adapter(&loaded, &adapter)?;
     // A GGUF model has no tokenizer files: write the ones whet built from its metadata.
     let extra = match &loaded.source {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use whet_data::Tokenizer;
-use whet_engine::{Detokenize, Model, ModelSource, SamplerOptions};
+use whet_engine::{Detokenize, Model, ModelSource, Precision, SamplerOptions};
 use whet_lora::LoraAdapter;
 
 /// The model flags of the commands that run one: `--model M [--adapter A]`.
@@ -20,6 +20,10 @@ pub struct ModelArgs {
     /// A PEFT adapter directory applied on top of the model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// The number format of the base model's projections: f32 (exact, the default) or bf16
+    /// (half the memory; about twice as fast on CPUs with AVX512_BF16).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
 }
 
 /// A base model ready to use, with its tokenizer.
@@ -43,9 +47,9 @@ impl Loaded {
     }
 }
 
-/// Loads a model, and its tokenizer first when `with_tokenizer` (so a broken one fails fast;
-/// scoring token ids needs none).
-pub fn load(spec: &str, with_tokenizer: bool) -> Result<Loaded> {
+/// Loads a model in `precision`, and its tokenizer first when `with_tokenizer` (so a broken
+/// one fails fast; scoring token ids needs none).
+pub fn load(spec: &str, precision: Precision, with_tokenizer: bool) -> Result<Loaded> {
     let source = ModelSource::resolve(spec)?;
     let tokenizer = if with_tokenizer {
         Some(Arc::new(
@@ -56,9 +60,9 @@ pub fn load(spec: &str, with_tokenizer: bool) -> Result<Loaded> {
         None
     };
     let started = std::time::Instant::now();
-    let (source, model) = whet_engine::load_model(spec, &Device::Cpu)?;
+    let (source, model) = whet_engine::load_model(spec, &Device::Cpu, precision)?;
     tracing::info!(
-        "loaded {spec} ({:?}, {} layers) in {:.1}s",
+        "loaded {spec} ({:?}, {} layers, {precision}) in {:.1}s",
         model.config.architecture,
         model.config.num_layers,
         started.elapsed().as_secs_f64()

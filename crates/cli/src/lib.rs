@@ -1,3 +1,3 @@
 //! What whet's binaries share (the `whet` CLI and `whet-bench`).
 
-pub mod allocator;
+pub mod runtime;

@@ -28,7 +28,7 @@ const CHUNK: usize = 16;
 /// Prints `{"logprobs": [...], "loss": −Σ weights·lp}` per datum, in order.
 pub fn run(a: Args) -> Result<()> {
     let data = whet_data::read_datums_jsonl(&a.data)?;
-    let loaded = common::load(&a.m.model, false)?;
+    let loaded = common::load(&a.m.model, a.m.precision, false)?;
     // Every datum is checked before any compute.
     whet_engine::batch::prepare(&data, LossFn::CrossEntropy, &loaded.model.config)
         .with_context(|| format!("checking {}", a.data.display()))?;

@@ -37,7 +37,7 @@ enum Command {
 }
 
 fn main() {
-    whet::allocator::tune();
+    whet::runtime::init();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",

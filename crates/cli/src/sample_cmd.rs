@@ -83,7 +83,7 @@ fn messages(a: &Args) -> Result<Vec<Value>> {
 /// Samples and prints the completions.
 pub fn run(a: Args) -> Result<()> {
     let msgs = messages(&a)?;
-    let loaded = common::load(&a.m.model, true)?;
+    let loaded = common::load(&a.m.model, a.m.precision, true)?;
     let prompt = loaded.tokenizer()?.apply_chat_template(&msgs, None, true)?;
     let lora = match &a.m.adapter {
         Some(dir) => Some(common::load_adapter(&loaded, dir)?.sampling_weights()?),

@@ -264,6 +264,33 @@ fn smollm2_samples_through_its_chat_template() {
         "--json",
     ];
     assert_eq!(ok(&args), ok(&args));
+    // In bf16 the answer is the same (greedy tokens may drift late in the reply).
+    let out = ok(&[
+        "sample",
+        "--model",
+        s(&model),
+        "--precision",
+        "bf16",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["samples"][0]["text"].as_str().unwrap().contains("Paris"), "{out}");
+    let e = fails(&[
+        "sample",
+        "--model",
+        s(&model),
+        "--precision",
+        "fp16",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(e.contains("precision") && e.contains("fp16"), "{e}");
     let info: Value = serde_json::from_str(&ok(&["model", "info", s(&model), "--json"])).unwrap();
     assert_eq!(info["config"]["num_layers"], 30);
     assert_eq!(info["tokenizer"]["chat_template"], true);

@@ -7,11 +7,15 @@
 //! - [`sampler::Sampler`] implements `SamplingClient`;
 //! - [`merge`] folds an adapter into the base weights and writes a plain HF directory.
 //!
-//! Numerics: f32 everywhere on CPU.
+//! Numerics: f32 everywhere on CPU by default; with [`Precision::Bf16`] the frozen base
+//! projections compute in bf16 (see [`linear`]), everything trained stays f32.
 
 pub mod batch;
+pub mod bf16;
 pub mod config;
 pub mod kernels;
+pub mod kv_cache;
+pub mod linear;
 pub mod loader;
 pub mod losses;
 pub mod merge;
@@ -28,10 +32,20 @@ use whet_contract::ContractError;
 use whet_lora::{LoraAdapter, LoraError};
 
 pub use config::{Architecture, ModelConfig};
+pub use linear::Precision;
 pub use loader::ModelSource;
 pub use model::Model;
 pub use sampler::{Detokenize, Sampler, SamplerOptions};
 pub use session::TrainingSession;
+
+/// Runs `f` on a worker of rayon's global pool (the one candle's GEMM and whet's kernels run
+/// on). Called from outside the pool, every parallel operation would hop into it and back, and
+/// the idle workers would spin against the calling thread for the cores (on 2 cores, a third
+/// of a decoding step went to that); from inside, the caller is one of the workers and small
+/// operations run inline.
+pub(crate) fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
 
 /// Errors of the engine; each names the file, tensor or field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -99,10 +113,15 @@ impl From<EngineError> for ContractError {
 }
 
 /// Loads a base model from what a user typed (directory, `.gguf`, hub id) onto `device`.
-pub fn load_model(spec: &str, device: &Device) -> Result<(ModelSource, Arc<Model>), EngineError> {
+pub fn load_model(
+    spec: &str,
+    device: &Device,
+    precision: Precision,
+) -> Result<(ModelSource, Arc<Model>), EngineError> {
     let source = ModelSource::resolve(spec)?;
     let weights = loader::load(&source, device)?;
-    let model = Model::from_weights(weights, device).map_err(|e| in_source(e, &source))?;
+    let model =
+        Model::from_weights_in(weights, device, precision).map_err(|e| in_source(e, &source))?;
     Ok((source, Arc::new(model)))
 }
 

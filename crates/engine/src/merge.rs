@@ -41,9 +41,10 @@ pub fn merged_tensors(
                 Some(a) => a.delta(Site { layer, target })?,
                 None => None,
             };
+            let w = lin.weight.to_tensor()?;
             let w = match delta {
-                Some(d) => (&lin.weight + d)?,
-                None => lin.weight.clone(),
+                Some(d) => (w + d)?,
+                None => w,
             };
             out.push((format!("{name}.weight"), w));
             if let Some(b) = &lin.bias {
@@ -57,7 +58,7 @@ pub fn merged_tensors(
     }
     out.push(("model.norm.weight".to_string(), model.norm.clone()));
     if !model.config.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), model.lm_head.clone()));
+        out.push(("lm_head.weight".to_string(), model.lm_head.to_tensor()?));
     }
     Ok(out)
 }

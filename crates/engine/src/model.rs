@@ -18,6 +18,9 @@ use whet_lora::{LoraSiteWeights, LoraWeights, Site, SiteShape, Target};
 
 use crate::config::ModelConfig;
 use crate::kernels::{self, AttnMask};
+use crate::kv_cache;
+pub use crate::kv_cache::KvCache;
+use crate::linear::{self, Frozen, Precision};
 use crate::loader::LoadedWeights;
 use crate::ops;
 use crate::EngineError;
@@ -27,8 +30,8 @@ type Result<T> = std::result::Result<T, EngineError>;
 /// A frozen projection: `W: (out, in)` and an optional bias.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// The weight.
-    pub weight: Tensor,
+    /// The weight, in the model's precision.
+    pub weight: Frozen,
     /// The bias, if the model has one.
     pub bias: Option<Tensor>,
 }
@@ -52,8 +55,9 @@ impl Layer {
     }
 }
 
-/// A loaded base model: frozen f32 weights and the config. Shared by every session and
-/// sampler on it (base weights are loaded once).
+/// A loaded base model: frozen weights and the config. Shared by every session and sampler on
+/// it (base weights are loaded once). The projections and the unembedding compute in the
+/// model's [`Precision`]; everything else is f32.
 #[derive(Debug)]
 pub struct Model {
     /// The shape.
@@ -64,81 +68,11 @@ pub struct Model {
     pub layers: Vec<Layer>,
     /// Final RMSNorm.
     pub norm: Tensor,
-    /// Unembedding `(vocab, hidden)`; the embedding itself when tied.
-    pub lm_head: Tensor,
+    /// Unembedding `(vocab, hidden)`; the embedding's values when tied.
+    pub lm_head: Frozen,
+    precision: Precision,
     inv_freq: Vec<f32>,
     device: Device,
-}
-
-/// Per-layer key/value cache of a batch of sequences. Rows may hold prompts of different
-/// lengths: row `i` is left-padded by `pad[i]` slots, which are masked out and do not count
-/// as positions.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    /// Per layer `(k, v)`, each `(batch, kv_heads, slots, head_dim)`.
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
-    /// Slots per row (padding included).
-    pub len: usize,
-    /// Left padding per row; empty means none.
-    pub pad: Vec<usize>,
-}
-
-impl KvCache {
-    /// Keeps only the listed rows of the batch (in that order).
-    pub fn select(&mut self, keep: &[u32]) -> Result<()> {
-        if !self.pad.is_empty() {
-            self.pad = keep.iter().map(|&i| self.pad[i as usize]).collect();
-        }
-        let Some(Some((k0, _))) = self.layers.first() else {
-            return Ok(());
-        };
-        let idx = Tensor::new(keep, k0.device())?;
-        for entry in self.layers.iter_mut().flatten() {
-            *entry = (
-                entry.0.index_select(&idx, 0)?,
-                entry.1.index_select(&idx, 0)?,
-            );
-        }
-        Ok(())
-    }
-
-    /// Stacks single-row caches of different lengths into one batch, left-padding the
-    /// shorter ones with zeros (masked by `pad`).
-    pub fn stack_left_padded(caches: &[KvCache]) -> Result<KvCache> {
-        let len = caches.iter().map(|c| c.len).max().unwrap_or(0);
-        let pad: Vec<usize> = caches.iter().map(|c| len - c.len).collect();
-        let layers = caches.first().map(|c| c.layers.len()).unwrap_or(0);
-        let mut out = Vec::with_capacity(layers);
-        for l in 0..layers {
-            let mut ks = Vec::with_capacity(caches.len());
-            let mut vs = Vec::with_capacity(caches.len());
-            for (c, &p) in caches.iter().zip(&pad) {
-                let Some((k, v)) = &c.layers[l] else {
-                    return Err(EngineError::Internal("stacking an empty cache".into()));
-                };
-                let padded = |t: &Tensor| -> Result<Tensor> {
-                    if p == 0 {
-                        return Ok(t.clone());
-                    }
-                    let (b, h, _, d) = t.dims4()?;
-                    let z = Tensor::zeros((b, h, p, d), t.dtype(), t.device())?;
-                    Ok(Tensor::cat(&[&z, t], 2)?)
-                };
-                ks.push(padded(k)?);
-                vs.push(padded(v)?);
-            }
-            out.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
-        }
-        Ok(KvCache {
-            layers: out,
-            len,
-            pad: if pad.iter().any(|&p| p > 0) {
-                pad
-            } else {
-                vec![]
-            },
-        })
-    }
 }
 
 /// How the tokens of one forward pass are laid out.
@@ -201,9 +135,19 @@ fn take(t: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Result<
 }
 
 impl Model {
+    /// Builds the model from loaded weights in f32 (see [`Model::from_weights_in`]).
+    pub fn from_weights(w: LoadedWeights, device: &Device) -> Result<Self> {
+        Self::from_weights_in(w, device, Precision::F32)
+    }
+
     /// Builds the model from loaded weights, checking every tensor's shape against the config.
     /// Tensors the model does not use are refused, so a wrong architecture is caught here.
-    pub fn from_weights(w: LoadedWeights, device: &Device) -> Result<Self> {
+    /// The projections and the unembedding are converted to `precision`.
+    pub fn from_weights_in(
+        w: LoadedWeights,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
         let LoadedWeights {
             config: c,
             mut tensors,
@@ -227,7 +171,10 @@ impl Model {
                 } else {
                     None
                 };
-                Ok(Linear { weight, bias })
+                Ok(Linear {
+                    weight: Frozen::new(weight, precision)?,
+                    bias,
+                })
             };
             let proj = [
                 lin("self_attn.q_proj", q, h)?,
@@ -281,7 +228,8 @@ impl Model {
             embed: embed.to_device(device)?,
             layers,
             norm,
-            lm_head,
+            lm_head: Frozen::new(lm_head, precision)?,
+            precision,
             inv_freq,
             device: device.clone(),
         })
@@ -292,12 +240,17 @@ impl Model {
         &self.device
     }
 
+    /// The precision the projections compute in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// Every projection a LoRA can attach to, with its shape.
     pub fn site_shapes(&self) -> Vec<SiteShape> {
         let mut out = Vec::new();
         for (layer, l) in self.layers.iter().enumerate() {
             for (k, &target) in Target::ALL.iter().enumerate() {
-                let (out_features, in_features) = l.proj[k].weight.dims2().unwrap_or((0, 0));
+                let (out_features, in_features) = l.proj[k].weight.dims();
                 out.push(SiteShape {
                     site: Site { layer, target },
                     in_features,
@@ -317,18 +270,18 @@ impl Model {
         dropout: Option<(f64, &mut DropoutRng)>,
     ) -> Result<Tensor> {
         let Some(site) = lora else {
-            return kernels::linear(x, &lin.weight, lin.bias.as_ref(), None);
+            return linear::linear(x, &lin.weight, lin.bias.as_ref(), None);
         };
         match dropout {
             // Dropout masks the adapter's input only, so the low-rank path is composed apart.
             Some((p, rng)) if p > 0.0 => {
-                let y = kernels::linear(x, &lin.weight, lin.bias.as_ref(), None)?;
+                let y = linear::linear(x, &lin.weight, lin.bias.as_ref(), None)?;
                 let mask = rng.mask(x.dims2()?, p, x.device())?;
                 let low =
                     ((x * mask)?.matmul(&site.a.t()?)? * site.scaling)?.matmul(&site.b.t()?)?;
                 Ok((y + low)?)
             }
-            _ => kernels::linear(
+            _ => linear::linear(
                 x,
                 &lin.weight,
                 lin.bias.as_ref(),
@@ -361,9 +314,8 @@ impl Model {
                 *caches = lens
                     .iter()
                     .map(|&len| KvCache {
-                        layers: vec![None; c.num_layers],
                         len,
-                        pad: vec![],
+                        ..KvCache::new(c.num_layers)
                     })
                     .collect();
                 (pos, Layout::Prefill { lens, caches })
@@ -382,7 +334,7 @@ impl Model {
                     })
                     .collect();
                 if cache.layers.len() != c.num_layers {
-                    cache.layers = vec![None; c.num_layers];
+                    *cache = KvCache::new(c.num_layers);
                 }
                 (pos, Layout::Cached { batch, cache })
             }
@@ -448,14 +400,20 @@ impl Model {
                         split(&v, c.num_kv_heads)?,
                     );
                     let offset = cache.len;
-                    let (k_all, v_all) = match cache.layers[li].take() {
-                        Some((pk, pv)) => {
-                            (Tensor::cat(&[&pk, &kb], 2)?, Tensor::cat(&[&pv, &vb], 2)?)
-                        }
-                        None => (kb, vb),
+                    let (kc, vc) = cache.append(li, &kb, &vb)?;
+                    let keys = offset + new;
+                    let o = if new == 1 {
+                        // Decoding: one query per row, over the cache where it lies.
+                        kv_cache::decode_attention(&qb, &kc, &vc, keys, self.mask(0, &cache.pad))?
+                    } else {
+                        let used = |t: &Tensor| t.narrow(2, 0, keys);
+                        kernels::attention(
+                            &qb,
+                            &used(&kc)?,
+                            &used(&vc)?,
+                            self.mask(offset, &cache.pad),
+                        )?
                     };
-                    let o = self.attend(&qb, &k_all, &v_all, offset, &cache.pad)?;
-                    cache.layers[li] = Some((k_all, v_all));
                     o.transpose(1, 2)?.reshape((n, c.num_heads, c.head_dim))?
                 }
             };
@@ -473,32 +431,19 @@ impl Model {
         kernels::rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
 
-    /// Causal attention of `q: (B, H, T, D)` over `k, v: (B, Hkv, S, D)`, where query `t` sits
-    /// at slot `offset + t` and key `s` at slot `s`; rows are left-padded by `pad`. Query head
-    /// `h` uses kv head `h / (H / Hkv)` (grouped-query attention, no copies of the keys).
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        offset: usize,
-        pad: &[usize],
-    ) -> Result<Tensor> {
-        kernels::attention(
-            q,
-            k,
-            v,
-            AttnMask {
-                offset,
-                window: self.config.sliding_window,
-                pad: pad.to_vec(),
-            },
-        )
+    /// The attention mask of cached decoding: query `t` sits at slot `offset + t`, key `s` at
+    /// slot `s`; rows are left-padded by `pad`.
+    fn mask(&self, offset: usize, pad: &[usize]) -> AttnMask {
+        AttnMask {
+            offset,
+            window: self.config.sliding_window,
+            pad: pad.to_vec(),
+        }
     }
 
     /// Logits `(tokens, vocab)` of final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        kernels::linear(hidden, &self.lm_head, None, None)
+        linear::linear(hidden, &self.lm_head, None, None)
     }
 
     /// Logprobs of `targets` (one per row of `hidden`).

@@ -19,7 +19,7 @@ use whet_lora::LoraWeights;
 
 use crate::batch::check_tokens;
 use crate::model::{KvCache, Layout, Model};
-use crate::ops::{log_softmax_rows, row_lse};
+use crate::ops::{exp_nonpos, log_softmax_rows, row_lse};
 use crate::EngineError;
 
 /// Turns token ids back into text (for stop strings).
@@ -129,7 +129,7 @@ impl Sampler {
 
     /// Prefills one prompt: its cache and final hidden states.
     fn prefill(&self, tokens: &[u32]) -> Result<(KvCache, Tensor), EngineError> {
-        let mut cache = KvCache::default();
+        let mut cache = KvCache::new(self.model.config.num_layers);
         let hidden = self.model.forward_hidden(
             tokens,
             Layout::Cached {
@@ -145,6 +145,15 @@ impl Sampler {
     /// `n` completions of each prompt, all decoded as one batch (prompts of different lengths
     /// share it through left-padded, masked caches). Result: per prompt, its `n` sequences.
     pub fn sample_many(
+        &self,
+        prompts: &[ModelInput],
+        n: usize,
+        params: &SamplingParams,
+    ) -> Result<Vec<Vec<SampledSequence>>, EngineError> {
+        crate::in_pool(|| self.sample_batch(prompts, n, params))
+    }
+
+    fn sample_batch(
         &self,
         prompts: &[ModelInput],
         n: usize,
@@ -219,7 +228,14 @@ impl Sampler {
                 })
                 .collect();
             let (caches, firsts): (Vec<KvCache>, Vec<Vec<f32>>) = prefilled.into_iter().unzip();
-            let mut cache = KvCache::stack_left_padded(&caches)?;
+            // Room for the whole completion up front (bounded: beyond it the buffers double).
+            let extra = active
+                .iter()
+                .map(|&s| limit[s])
+                .max()
+                .unwrap_or(0)
+                .min(1024);
+            let mut cache = KvCache::stack_left_padded(&caches, extra)?;
             drop(caches);
             let rows_of: Vec<u32> = active.iter().map(|&s| (s / n) as u32).collect();
             cache.select(&rows_of)?;
@@ -370,13 +386,18 @@ fn top_k(row: &[f32], k: usize) -> Vec<(i64, f32)> {
 fn pick(row: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> (u32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let filtered = p.top_k > 0 || p.top_p < 1.0;
+    let mut lse = None;
     let tok = if p.temperature == 0.0 || filtered {
         choose(row, p, rng)
     } else {
         // exp((x − max)/T), then a draw by cumulative mass.
         let inv_t = (1.0 / p.temperature) as f32;
-        let weights: Vec<f32> = row.iter().map(|&x| ((x - max) * inv_t).exp()).collect();
+        let weights: Vec<f32> = row.iter().map(|&x| exp_nonpos((x - max) * inv_t)).collect();
         let total: f64 = weights.iter().map(|&w| w as f64).sum();
+        if p.temperature == 1.0 {
+            // The same terms as the log-sum-exp of the raw logits.
+            lse = Some(max as f64 + total.ln());
+        }
         let mut u = rng.random::<f64>() * total;
         let mut tok = row.len() - 1;
         for (i, &w) in weights.iter().enumerate() {
@@ -388,7 +409,8 @@ fn pick(row: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> (u32, f32) {
         }
         tok as u32
     };
-    (tok, (row[tok as usize] as f64 - row_lse(row)) as f32)
+    let lse = lse.unwrap_or_else(|| row_lse(row));
+    (tok, (row[tok as usize] as f64 - lse) as f32)
 }
 
 /// Picks the next token from raw logits: argmax at temperature 0, else a draw from
@@ -465,16 +487,24 @@ impl SamplingClient for Sampler {
         include_prompt_logprobs: bool,
         topk_prompt_logprobs: usize,
     ) -> Result<SampleResponse, ContractError> {
-        Ok(self.run(
-            prompt,
-            num_samples,
-            params,
-            include_prompt_logprobs,
-            topk_prompt_logprobs,
-        )?)
+        Ok(crate::in_pool(|| {
+            self.run(
+                prompt,
+                num_samples,
+                params,
+                include_prompt_logprobs,
+                topk_prompt_logprobs,
+            )
+        })?)
     }
 
     fn compute_logprobs(&self, prompt: &ModelInput) -> Result<Vec<Option<f32>>, ContractError> {
+        crate::in_pool(|| self.logprobs_of(prompt))
+    }
+}
+
+impl Sampler {
+    fn logprobs_of(&self, prompt: &ModelInput) -> Result<Vec<Option<f32>>, ContractError> {
         let tokens = self.prompt_tokens(prompt).map_err(ContractError::from)?;
         let l = tokens.len();
         let mut out = vec![None];

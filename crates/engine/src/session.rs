@@ -251,7 +251,9 @@ impl TrainingClient for TrainingSession {
         loss_fn: LossFn,
         loss_fn_config: &LossFnConfig,
     ) -> Result<ForwardBackwardOutput, ContractError> {
-        Ok(self.run(data, loss_fn, loss_fn_config, false)?)
+        Ok(crate::in_pool(|| {
+            self.run(data, loss_fn, loss_fn_config, false)
+        })?)
     }
 
     fn forward_backward(
@@ -260,7 +262,9 @@ impl TrainingClient for TrainingSession {
         loss_fn: LossFn,
         loss_fn_config: &LossFnConfig,
     ) -> Result<ForwardBackwardOutput, ContractError> {
-        Ok(self.run(data, loss_fn, loss_fn_config, true)?)
+        Ok(crate::in_pool(|| {
+            self.run(data, loss_fn, loss_fn_config, true)
+        })?)
     }
 
     fn optim_step(&mut self, params: &AdamParams) -> Result<OptimStepResponse, ContractError> {

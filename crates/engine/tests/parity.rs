@@ -12,7 +12,7 @@ use whet_contract::{
     AdamParams, Datum, LossFn, LossFnConfig, ModelInput, SamplingClient, SamplingParams,
     TrainingClient,
 };
-use whet_engine::{load_adapter, load_model, Model, SamplerOptions, TrainingSession};
+use whet_engine::{load_adapter, load_model, Model, Precision, SamplerOptions, TrainingSession};
 
 const MODELS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"];
 const LOSSES: [&str; 5] = [
@@ -36,8 +36,12 @@ struct Fixture {
 }
 
 fn fixture(name: &str) -> Fixture {
+    fixture_in(name, Precision::F32)
+}
+
+fn fixture_in(name: &str, precision: Precision) -> Fixture {
     let dir = fixtures().join(name);
-    let (_, model) = load_model(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let (_, model) = load_model(dir.to_str().unwrap(), &Device::Cpu, precision).unwrap();
     let datums = std::fs::read_to_string(dir.join("datums.jsonl"))
         .unwrap()
         .lines()
@@ -287,8 +291,12 @@ fn gradients_accumulate_across_calls_and_micro_batches() {
 fn gguf_models_match_their_safetensors_twins() {
     for name in ["tiny-llama", "tiny-qwen3"] {
         let f = fixture(name);
-        let (_, gguf) =
-            load_model(f.dir.join("model.gguf").to_str().unwrap(), &Device::Cpu).unwrap();
+        let (_, gguf) = load_model(
+            f.dir.join("model.gguf").to_str().unwrap(),
+            &Device::Cpu,
+            Precision::F32,
+        )
+        .unwrap();
         assert_eq!(gguf.config.head_dim, f.model.config.head_dim, "{name}");
         let adapter = load_adapter(&gguf, &f.dir.join("adapter")).unwrap();
         let mut s = TrainingSession::with_adapter(
@@ -455,7 +463,7 @@ fn smollm2() -> Option<PathBuf> {
 #[test]
 fn smollm2_greedy_decoding_equals_transformers() {
     let Some(path) = smollm2() else { return };
-    let (_, model) = load_model(path.to_str().unwrap(), &Device::Cpu).unwrap();
+    let (_, model) = load_model(path.to_str().unwrap(), &Device::Cpu, Precision::F32).unwrap();
     let fixture: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("smollm2/greedy.json")).unwrap(),
     )
@@ -554,6 +562,57 @@ fn batched_prompts_of_different_lengths_decode_like_single_ones() {
         for (input, seqs) in inputs.iter().zip(&together) {
             let alone = sampler.sample(input, 1, &greedy, false, 0).unwrap();
             assert_eq!(seqs[0].tokens, alone.sequences[0].tokens, "{name}");
+        }
+    }
+}
+
+/// With bf16 base weights the sampler's logprobs still match `forward`'s, and the model stays
+/// close to its f32 self (bf16 keeps 8 mantissa bits: logprobs move by about 1e-2 here).
+/// Sampler and forward use the same kernels, and each row's bf16 products do not depend on the
+/// batch it is in; but attention sums in a different order when decoding (one query over the
+/// cache) than when scoring (packed sequences), and rounding to bf16 turns an f32 last-ulp
+/// difference into a one-bf16-ulp one now and then. Hence 1e-3 here (the f32 path holds 1e-4;
+/// RL's importance ratios see far larger sampler–trainer gaps between serving and training
+/// stacks).
+#[test]
+fn bf16_models_sample_what_forward_scores_and_stay_near_f32() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let exact = fixture(name);
+        let f = fixture_in(name, Precision::Bf16);
+        assert_eq!(f.model.precision(), Precision::Bf16);
+        let scored = |fx: &Fixture| {
+            let out = fx
+                .session(true)
+                .forward(&fx.datums, LossFn::CrossEntropy, &LossFnConfig::new())
+                .unwrap();
+            logprobs_of(&out).concat()
+        };
+        let d = max_abs_diff(&scored(&f), &scored(&exact));
+        assert!(
+            d > 0.0 && d < 2e-2,
+            "{name}: bf16 vs f32 logprobs differ by {d}"
+        );
+        let mut s = f.session(true);
+        let sampler = whet_engine::Sampler::new(
+            f.model.clone(),
+            Some(s.adapter().sampling_weights().unwrap()),
+            SamplerOptions::default(),
+        );
+        let prompts: Vec<Vec<i64>> = vec![vec![5, 9, 2], vec![7, 1, 3, 8, 60, 11, 4, 90, 12]];
+        let inputs: Vec<ModelInput> = prompts.iter().cloned().map(ModelInput::from_ints).collect();
+        let params = SamplingParams {
+            max_tokens: Some(10),
+            seed: Some(5),
+            stop: Some(whet_contract::Stop::Tokens(vec![])),
+            ..SamplingParams::default()
+        };
+        let batch = sampler.sample_many(&inputs, 2, &params).unwrap();
+        for (prompt, seqs) in prompts.iter().zip(&batch) {
+            for seq in seqs {
+                let lp = continuation_logprobs(&mut s, prompt, &seq.tokens);
+                let d = max_abs_diff(&lp, &seq.logprobs);
+                assert!(d < 1e-3, "{name}: bf16 sampler vs forward differ by {d}");
+            }
         }
     }
 }
