@@ -4,7 +4,7 @@
     python3 benches/report.py --lines benches/results/run.jsonl --meta benches/results/meta.json
 
 --lines: the JSON lines benches/measure.py appended (one per benchmark: peak, trl, trl-bf16, loop,
-whet-sft, generate, whet-sample); --meta: machine, versions, date, settings (written by run.sh).
+loop-bf16, whet-sft, whet-sft-bf16, generate, generate-bf16, whet-sample, whet-sample-bf16); --meta: machine, versions, date, settings (written by run.sh).
 A benchmark that is missing or failed shows as "n/a".
 """
 
@@ -19,11 +19,16 @@ BASELINE_PEAK_FP32 = 188.0  # GFLOP/s, shared/reference/cpu-baseline.md (used wh
 # shared/reference/cpu-baseline.md, same machine kind: (tokens/s, s/step, peak RSS GiB) and sampling
 BASELINE_SFT = {"trl": (58, 27.7, 9.3), "trl-bf16": (86, 18.9, 7.7), "loop": (168, 10.9, 3.5)}
 BASELINE_SAMPLE = {"generate": (112, 9.1)}
-SFT_ROWS = [("trl", "TRL SFTTrainer, fp32 (defaults otherwise)"),
-            ("trl-bf16", "TRL SFTTrainer, its CPU default bf16 autocast"),
-            ("loop", "hand-written PyTorch + PEFT loop, fp32, padding-free"),
-            ("whet-sft", "whet")]
-SAMPLE_ROWS = [("generate", "transformers `generate`, fp32"), ("whet-sample", "whet")]
+SFT_PEERS = [("trl", "TRL SFTTrainer, fp32 (defaults otherwise)"),
+             ("trl-bf16", "TRL SFTTrainer with its defaults (on CPU: bf16 autocast)"),
+             ("loop", "hand-written PyTorch + PEFT loop, fp32, padding-free"),
+             ("loop-bf16", "the same loop under bf16 autocast")]
+SFT_WHET = [("whet-sft", "whet, f32"), ("whet-sft-bf16", "whet, bf16 base weights (`--precision bf16`)")]
+SFT_ROWS = SFT_PEERS + SFT_WHET
+SAMPLE_PEERS = [("generate", "transformers `generate`, fp32"),
+                ("generate-bf16", "transformers `generate`, model in bf16")]
+SAMPLE_WHET = [("whet-sample", "whet, f32"), ("whet-sample-bf16", "whet, bf16 base weights (`--precision bf16`)")]
+SAMPLE_ROWS = SAMPLE_PEERS + SAMPLE_WHET
 BUSY = 0.10  # others' CPU share above which a figure is flagged
 
 
@@ -135,11 +140,16 @@ def main():
           f"{gib(r.get('peak_rss_bytes'))} | {num(mfu * 100 if mfu is not None else None, '.0f')}% | "
           f"{num(r.get('others_cpu_share', 0) * 100, '.0f')}% | {base_s} |")
     w("")
-    w("| whet vs | trained tokens/s (whet ÷ it; >1: whet faster) | s/step (whet ÷ it; <1: whet faster) |")
-    w("|---|---|---|")
-    wt, ws = g("whet-sft", "trained_tokens_per_s"), g("whet-sft", "s_per_step")
-    for name, label in SFT_ROWS[:-1]:
-        w(f"| {label} | {ratio(wt, g(name, 'trained_tokens_per_s'))} | {ratio(ws, g(name, 's_per_step'))} |")
+    w("| whet ÷ | trained tokens/s, whet f32 | whet bf16 | s/step, whet f32 (<1: whet faster) | whet bf16 |")
+    w("|---|---|---|---|---|")
+    for name, label in SFT_PEERS:
+        t = g(name, "trained_tokens_per_s")
+        s = g(name, "s_per_step")
+        w(f"| {label} | {ratio(g('whet-sft', 'trained_tokens_per_s'), t)} | "
+          f"{ratio(g('whet-sft-bf16', 'trained_tokens_per_s'), t)} | {ratio(g('whet-sft', 's_per_step'), s)} | "
+          f"{ratio(g('whet-sft-bf16', 's_per_step'), s)} |")
+    w("")
+    w("MFU is against the fp32 peak for every row, bf16 ones included (the bf16 peak is about twice it).")
     w("")
     w("Trained tokens are the non-padding tokens the timed steps processed. The loop and whet take the batches "
       "in file order (`sft_datums.jsonl`), TRL in its default random order (seed 42), so s/step compares "
@@ -162,7 +172,12 @@ def main():
           f"{r.get('new_tokens', 'n/a')} | {gib(r.get('peak_rss_bytes'))} | "
           f"{num(r.get('others_cpu_share', 0) * 100, '.0f')}% | {base_s} |")
     w("")
-    w(f"whet ÷ generate, new tokens/s: {ratio(g('whet-sample', 'new_tokens_per_s'), g('generate', 'new_tokens_per_s'))}")
+    w("| whet ÷, new tokens/s | whet f32 | whet bf16 |")
+    w("|---|---|---|")
+    for name, label in SAMPLE_PEERS:
+        n = g(name, "new_tokens_per_s")
+        w(f"| {label} | {ratio(g('whet-sample', 'new_tokens_per_s'), n)} | "
+          f"{ratio(g('whet-sample-bf16', 'new_tokens_per_s'), n)} |")
     w("")
 
     w("## Commands")

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # whet vs PyTorch on this CPU, side by side in ONE run: the machine's matmul peak, TRL's SFTTrainer
-# (fp32; optionally its CPU default bf16), a padding-free PyTorch+PEFT loop, whet's LoRA SFT, transformers'
-# generate, whet's sampler -- one after the other, each in its own process. Writes
+# (fp32 and its CPU default bf16 autocast), a padding-free PyTorch+PEFT loop (fp32 and bf16 autocast),
+# whet's LoRA SFT (f32 and bf16), transformers' generate (fp32 and bf16), whet's sampler (f32 and bf16)
+# -- one after the other, each in its own process. Writes
 # benches/results/latest.json and benches/RESULTS.md (via benches/report.py).
 #
 # Needs python3 with torch, transformers, peft, trl, datasets (benches/requirements.txt) and cargo.
-# A default run takes ~14 minutes on 2 cores (TRL fp32 alone ~8). Knobs (environment):
+# A full run takes ~25 minutes on 2 cores (TRL fp32 alone ~8). Knobs (environment):
 #   BENCH_STEPS=10 BENCH_WARMUP=1 BENCH_BATCH=8 BENCH_RANK=16 BENCH_ALPHA=32 BENCH_MAX_TOKENS=64
-#   BENCH_SKIP="trl-bf16"   names to leave out (peak trl trl-bf16 loop whet-sft generate whet-sample);
-#                           the default leaves out trl-bf16 (TRL's real CPU default, bf16 autocast: +4.5 min),
-#                           BENCH_SKIP= (empty) runs all seven (~18 min)
+#   BENCH_SKIP="trl-bf16"   names to leave out (peak trl trl-bf16 loop loop-bf16 whet-sft whet-sft-bf16
+#                           generate generate-bf16 whet-sample whet-sample-bf16); default: none
 #   BENCH_ONLY="loop whet-sft"   run only these
 #   BENCH_NO_BUILD=1        don't run cargo build (use whatever target/release/whet-bench is there)
 #   WHET_BENCH=path         the whet-bench binary (default target/release/whet-bench)
@@ -27,7 +27,7 @@ BATCH=${BENCH_BATCH:-8}
 RANK=${BENCH_RANK:-16}
 ALPHA=${BENCH_ALPHA:-32}
 MAX_TOKENS=${BENCH_MAX_TOKENS:-64}
-SKIP=" ${BENCH_SKIP-trl-bf16} "
+SKIP=" ${BENCH_SKIP-} "
 ONLY=" ${BENCH_ONLY:-} "
 WHET=${WHET_BENCH:-target/release/whet-bench}
 WAIT_QUIET=${BENCH_WAIT_QUIET:-60}
@@ -54,7 +54,7 @@ done
 # Dequantize the GGUF into benches/.cache/smollm2-hf once, outside any timing.
 "$PY" -c 'import sys; sys.path.insert(0, "benches"); import common; common.ensure_hf_cache()' || exit 1
 
-if [[ -z "${BENCH_NO_BUILD:-}" ]] && { wanted whet-sft || wanted whet-sample; }; then
+if [[ -z "${BENCH_NO_BUILD:-}" ]] && { wanted whet-sft || wanted whet-sample || wanted whet-sft-bf16 || wanted whet-sample-bf16; }; then
   echo "[bench] cargo build --release -p whet-benches" >&2
   cargo build --release -p whet-benches >&2 || echo "[bench] whet-bench did not build: its rows will read n/a" >&2
 fi
@@ -96,10 +96,15 @@ bench peak "$PY" benches/peak.py --json
 bench trl "$PY" benches/torch_sft.py --variant trl "${sft_args[@]}"
 bench trl-bf16 "$PY" benches/torch_sft.py --variant trl-bf16 "${sft_args[@]}"
 bench loop "$PY" benches/torch_sft.py --variant loop "${sft_args[@]}"
+bench loop-bf16 "$PY" benches/torch_sft.py --variant loop-bf16 "${sft_args[@]}"
 bench whet-sft "$WHET" sft --model "$MODEL" --data benches/data/sft_datums.jsonl "${sft_args[@]}"
+bench whet-sft-bf16 "$WHET" sft --model "$MODEL" --data benches/data/sft_datums.jsonl --precision bf16 "${sft_args[@]}"
 bench generate "$PY" benches/torch_sample.py --max-tokens "$MAX_TOKENS" --json
+bench generate-bf16 "$PY" benches/torch_sample.py --max-tokens "$MAX_TOKENS" --bf16 --json
 bench whet-sample "$WHET" sample --model "$MODEL" --prompts benches/data/sample_prompts.jsonl \
   --max-tokens "$MAX_TOKENS" --json
+bench whet-sample-bf16 "$WHET" sample --model "$MODEL" --prompts benches/data/sample_prompts.jsonl \
+  --max-tokens "$MAX_TOKENS" --precision bf16 --json
 
 "$PY" benches/report.py --lines "$lines" --meta "$results/meta.json"
 echo "[bench] done in $(($(date +%s) - start)) s: benches/RESULTS.md" >&2

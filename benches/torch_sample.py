@@ -3,7 +3,8 @@
 
 The 16 prompts of benches/data/sample_prompts.jsonl (chat-templated token ids) in one left-padded
 batch, `--max-tokens` new tokens each (min_new_tokens = max_new_tokens, so every row makes them all),
-plain sampling at temperature 1 (do_sample, top_k=0, top_p=1), fp32, KV cache on, 2 threads. One short
+plain sampling at temperature 1 (do_sample, top_k=0, top_p=1), fp32 (or the model cast to bfloat16
+with --bf16), KV cache on, 2 threads. One short
 warm-up generate runs first and is not timed. Prints one JSON line on stdout.
 """
 
@@ -20,6 +21,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompts", default=os.path.join(common.DATA, "sample_prompts.jsonl"))
+    ap.add_argument("--bf16", action="store_true", help="cast the model to bfloat16 (oneDNN's bf16 matmuls)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line (always on)")
     args = ap.parse_args()
 
@@ -29,6 +31,8 @@ def main():
     torch.set_num_threads(common.THREADS)
     tok = common.load_tokenizer()
     model = common.load_model().eval()
+    if args.bf16:
+        model = model.to(torch.bfloat16)
     prompts = [p["tokens"] for p in common.read_jsonl(args.prompts)]
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -59,7 +63,7 @@ def main():
     new_tokens = int(new.numel())
     common.log(f"generated {tuple(new.shape)} in {seconds:.2f} s; first row: {tok.decode(new[0])!r}")
     common.emit({
-        "variant": "generate",
+        "variant": "generate-bf16" if args.bf16 else "generate",
         "new_tokens_per_s": round(new_tokens / seconds, 2),
         "seconds": round(seconds, 3),
         "new_tokens": new_tokens,

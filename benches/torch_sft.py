@@ -13,6 +13,8 @@ AdamW, 2 threads, max length 512, loss on every token of each chat -- TRL's defa
             the batch (sum over the batch's target tokens / their count, as TRL normalizes), one
             backward per row, one optimizer step per batch. Rows: benches/data/sft_datums.jsonl, in
             file order (the same token ids whet-bench trains on).
+  loop-bf16 the same loop under CPU autocast to bfloat16 (the matmuls in bf16, weights kept fp32):
+            the peer of whet's --precision bf16.
 
 Timing covers `--steps` optimizer steps after `--warmup` steps; model load and data preparation are not
 timed. Prints one JSON line on stdout; progress goes to stderr.
@@ -111,7 +113,7 @@ def run_trl(args, bf16):
     }
 
 
-def run_loop(args):
+def run_loop(args, bf16):
     import torch
     import torch.nn.functional as F
     from peft import get_peft_model
@@ -135,7 +137,12 @@ def run_loop(args):
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=args.lr)
-    common.log(f"loop: trainable={trainable} threads={torch.get_num_threads()}")
+    common.log(f"loop: trainable={trainable} threads={torch.get_num_threads()} bf16={bf16}")
+
+    def autocast():
+        if bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     tokens = 0
     t0 = None
@@ -147,7 +154,8 @@ def run_loop(args):
         denom = float(sum(w.sum() for _, _, w in batch))
         total = 0.0
         for input_ids, targets, weights in batch:
-            logits = model(input_ids=input_ids, use_cache=False).logits[0]
+            with autocast():
+                logits = model(input_ids=input_ids, use_cache=False).logits[0].float()
             nll = F.cross_entropy(logits, targets, reduction="none")
             loss = (nll * weights).sum() / denom
             loss.backward()
@@ -167,7 +175,7 @@ def run_loop(args):
         "trainable_params": trainable,
         "threads": torch.get_num_threads(),
         "gradient_checkpointing": False,
-        "bf16": False,
+        "bf16": bf16,
         "loss_first": round(losses[0], 4),
         "loss_last": round(losses[-1], 4),
     }
@@ -175,7 +183,7 @@ def run_loop(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", choices=["trl", "trl-bf16", "loop"], required=True)
+    ap.add_argument("--variant", choices=["trl", "trl-bf16", "loop", "loop-bf16"], required=True)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8)
@@ -193,8 +201,8 @@ def main():
     torch.manual_seed(0)
     torch.set_num_threads(common.THREADS)
 
-    if args.variant == "loop":
-        r = run_loop(args)
+    if args.variant in ("loop", "loop-bf16"):
+        r = run_loop(args, bf16=args.variant == "loop-bf16")
     else:
         r = run_trl(args, bf16=args.variant == "trl-bf16")
 

@@ -280,7 +280,10 @@ fn smollm2_samples_through_its_chat_template() {
         "--json",
     ]);
     let v: Value = serde_json::from_str(&out).unwrap();
-    assert!(v["samples"][0]["text"].as_str().unwrap().contains("Paris"), "{out}");
+    assert!(
+        v["samples"][0]["text"].as_str().unwrap().contains("Paris"),
+        "{out}"
+    );
     let e = fails(&[
         "sample",
         "--model",

@@ -102,21 +102,42 @@ impl PackedBf16 {
         self.data.len() * 4
     }
 
+    /// Rows `W[o, :]` of the listed outputs as row-major f32 (an embedding lookup).
+    pub fn gather_rows(&self, rows: &[u32]) -> Vec<f32> {
+        let mut out = vec![0f32; rows.len() * self.k];
+        for (&o, dst) in rows.iter().zip(out.chunks_mut(self.k.max(1))) {
+            for (c, x) in dst.iter_mut().enumerate() {
+                *x = self.value(o as usize, c);
+            }
+        }
+        out
+    }
+
+    /// `W[o, c]` (its bf16 value).
+    fn value(&self, o: usize, c: usize) -> f32 {
+        let v = self.data[((o / NR) * self.pairs + c / 2) * NR + o % NR];
+        from_bf16(if c.is_multiple_of(2) {
+            v as u16
+        } else {
+            (v >> 16) as u16
+        })
+    }
+
     /// `W` back as row-major f32 (the bf16 values).
     pub fn unpack(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.n * self.k];
-        for o in 0..self.n {
-            let (p, i) = (o / NR, o % NR);
-            for c in 0..self.k {
-                let v = self.data[(p * self.pairs + c / 2) * NR + i];
-                w[o * self.k + c] = from_bf16(if c % 2 == 0 {
-                    v as u16
-                } else {
-                    (v >> 16) as u16
-                });
+        for (o, row) in w.chunks_mut(self.k.max(1)).enumerate() {
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = self.value(o, c);
             }
         }
         w
+    }
+
+    /// `Wᵀ` packed the same way (for `y = x·W`), straight from this packing: exact, since
+    /// the values are bf16 already, and without an f32 copy of the matrix in between.
+    pub fn transposed(&self) -> Self {
+        Self::pack_with(self.k, self.n, |o, c| self.value(c, o))
     }
 
     /// `y = x·Wᵀ` for row-major `x: (m, k)`; returns row-major `(m, n)`.
@@ -431,5 +452,9 @@ mod tests {
         for (&a, &b) in back.iter().zip(&wt) {
             assert_eq!(a, from_bf16(to_bf16(b)));
         }
+        // Transposing a packing packs the transpose.
+        let direct = PackedBf16::pack(&w, rows, cols);
+        assert_eq!(direct.transposed().unpack(), back);
+        assert_eq!(direct.transposed().transposed().unpack(), direct.unpack());
     }
 }

@@ -24,6 +24,16 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'
     }
 }
 
+/// Calls `f` on the f32 values of a CPU tensor where they lie (no copy when contiguous).
+pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => Ok(f(slice(cpu, layout)?)),
+        _ => candle_core::bail!("a CPU kernel was given a tensor on another device"),
+    }
+}
+
 /// A contiguous storage slice as a tensor of its own (a copy).
 pub(crate) fn tensor_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
     Tensor::from_slice(slice(s, l)?, l.shape(), &candle_core::Device::Cpu)

@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::bf16::PackedBf16;
-use crate::kernels::{slice, tensor_of, values};
+use crate::kernels::{slice, tensor_of, values, with_values};
 use crate::EngineError;
 
 type Result<T> = std::result::Result<T, EngineError>;
@@ -90,9 +90,9 @@ impl Frozen {
                 "bf16 base weights on this device (whet's bf16 kernels are CPU kernels)".into(),
             )),
             Precision::Bf16 => {
-                let v = values(&w)?;
+                let fwd = with_values(&w, |v| PackedBf16::pack(v, n, k))?;
                 Ok(Self::Bf16(Arc::new(Bf16Weight {
-                    fwd: PackedBf16::pack(&v, n, k),
+                    fwd,
                     bwd: OnceLock::new(),
                 })))
             }
@@ -127,6 +127,21 @@ impl Frozen {
         }
     }
 
+    /// Rows of `W` (`ids` must be below `out`): an embedding lookup, `(ids, in)` f32.
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        match self {
+            Self::F32(w) => Ok(w.index_select(&Tensor::new(ids, w.device())?, 0)?),
+            Self::Bf16(p) if ids.iter().any(|&i| i as usize >= p.fwd.rows()) => Err(
+                EngineError::Internal(format!("token id out of range for {} rows", p.fwd.rows())),
+            ),
+            Self::Bf16(p) => Ok(Tensor::from_vec(
+                p.fwd.gather_rows(ids),
+                (ids.len(), p.fwd.cols()),
+                &candle_core::Device::Cpu,
+            )?),
+        }
+    }
+
     /// `x·Wᵀ` for row-major `x: (m, in)` → row-major `(m, out)`.
     fn forward(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
         match self {
@@ -148,12 +163,9 @@ impl Frozen {
         match self {
             Self::F32(w) => g.matmul(w),
             Self::Bf16(p) => {
-                let bwd = p.bwd.get_or_init(|| {
-                    let (n, k) = (p.fwd.rows(), p.fwd.cols());
-                    PackedBf16::pack_transposed(&p.fwd.unpack(), n, k)
-                });
+                let bwd = p.bwd.get_or_init(|| p.fwd.transposed());
                 let m = g.dim(0)?;
-                let dx = bwd.matmul_xwt(&values(g)?, m);
+                let dx = with_values(g, |g| bwd.matmul_xwt(g, m))?;
                 Tensor::from_vec(dx, (m, bwd.rows()), g.device())
             }
         }

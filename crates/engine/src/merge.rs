@@ -26,7 +26,10 @@ pub fn merged_tensors(
     model: &Model,
     adapter: Option<&LoraAdapter>,
 ) -> Result<Vec<(String, Tensor)>, EngineError> {
-    let mut out = vec![("model.embed_tokens.weight".to_string(), model.embed.clone())];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        model.embed.to_tensor()?,
+    )];
     for (layer, l) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{layer}");
         out.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));

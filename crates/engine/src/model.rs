@@ -62,8 +62,9 @@ impl Layer {
 pub struct Model {
     /// The shape.
     pub config: ModelConfig,
-    /// Token embedding `(vocab, hidden)`.
-    pub embed: Tensor,
+    /// Token embedding `(vocab, hidden)`, in the model's precision (one matrix with the
+    /// unembedding when tied).
+    pub embed: Frozen,
     /// Decoder layers.
     pub layers: Vec<Layer>,
     /// Final RMSNorm.
@@ -208,10 +209,10 @@ impl Model {
         let lm_head = match tensors.remove("lm_head.weight") {
             Some(t) if !c.tie_word_embeddings => {
                 tensors.insert("lm_head.weight".into(), t);
-                take(&mut tensors, "lm_head.weight", &[c.vocab_size, h])?
+                Some(take(&mut tensors, "lm_head.weight", &[c.vocab_size, h])?)
             }
             // A tied checkpoint may still carry a copy of the embedding; it is the same matrix.
-            _ if c.tie_word_embeddings => embed.clone(),
+            _ if c.tie_word_embeddings => None,
             _ => return Err(EngineError::MissingTensor("lm_head.weight".into())),
         };
         // Non-persistent buffers some exporters leave behind are harmless.
@@ -223,12 +224,16 @@ impl Model {
             )));
         }
         let inv_freq = c.rope_inv_freq();
+        let embed = Frozen::new(embed.to_device(device)?, precision)?;
         Ok(Self {
             config: c,
-            embed: embed.to_device(device)?,
+            lm_head: match lm_head {
+                Some(w) => Frozen::new(w, precision)?,
+                None => embed.clone(),
+            },
+            embed,
             layers,
             norm,
-            lm_head: Frozen::new(lm_head, precision)?,
             precision,
             inv_freq,
             device: device.clone(),
@@ -301,8 +306,7 @@ impl Model {
     ) -> Result<Tensor> {
         let c = &self.config;
         let n = tokens.len();
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.rows(tokens)?;
         // Positions: restart per packed sequence; continue the cache otherwise.
         let (positions, mut layout) = match layout {
             Layout::Packed(lens) => {
