@@ -2,6 +2,7 @@
 
 mod adapter_cmd;
 mod common;
+mod data_cmd;
 mod logprobs_cmd;
 mod model_cmd;
 mod sample_cmd;
@@ -34,6 +35,9 @@ enum Command {
     /// Inspect models.
     #[command(subcommand)]
     Model(model_cmd::Command),
+    /// See what a dataset becomes for a model: tokens and trained tokens per row.
+    #[command(subcommand)]
+    Data(data_cmd::Command),
 }
 
 fn main() {
@@ -55,6 +59,7 @@ fn main() {
         Command::Sample(a) => sample_cmd::run(a),
         Command::Adapter(c) => adapter_cmd::run(c),
         Command::Model(c) => model_cmd::run(c),
+        Command::Data(c) => data_cmd::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -298,3 +298,82 @@ fn smollm2_samples_through_its_chat_template() {
     assert_eq!(info["config"]["num_layers"], 30);
     assert_eq!(info["tokenizer"]["chat_template"], true);
 }
+
+#[test]
+fn data_render_shows_the_trained_tokens_of_every_row_kind() {
+    let Some(model) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = tmp.path().join("rows.jsonl");
+    std::fs::write(
+        &rows,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}"#,
+            "\n",
+            r#"{"question": "2+2?", "answer": 4}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let text = ok(&[
+        "data",
+        "render",
+        "--model",
+        s(&model),
+        s(&rows),
+        "--system-prompt",
+        "Be brief.",
+    ]);
+    assert!(
+        text.contains("⟦Paris.<|im_end|>⟧") && text.contains("⟦4<|im_end|>⟧"),
+        "{text}"
+    );
+    assert!(text.contains("Be brief."), "{text}");
+    let json = ok(&["data", "render", "--model", s(&model), s(&rows), "--json"]);
+    let lines: Vec<Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let w: Vec<f32> = serde_json::from_value(lines[1]["weights"].clone()).unwrap();
+    let t: Vec<u32> = serde_json::from_value(lines[1]["tokens"].clone()).unwrap();
+    assert_eq!(w.len(), t.len());
+    assert_eq!(w.iter().filter(|&&x| x > 0.0).count(), 2); // "4" and <|im_end|>
+                                                           // validate counts rows, tokens and trained tokens.
+    let report: Value = serde_json::from_str(&ok(&[
+        "data",
+        "validate",
+        "--model",
+        s(&model),
+        s(&rows),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(report["usable_rows"], 2);
+    assert_eq!(report["trained_tokens"], 3 + 2);
+    // A malformed row is named by file, line and field; validate reports every bad row.
+    std::fs::write(
+        &rows,
+        concat!(
+            "{\"prompt\": \"x\"}\n",
+            r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 0}]}"#,
+            "\n",
+            r#"{"question": "2+2?", "answer": 4}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let e = fails(&["data", "render", "--model", s(&model), s(&rows)]);
+    assert!(
+        e.contains("rows.jsonl:1") && e.contains("expected_output"),
+        "{e}"
+    );
+    let out = whet(&["data", "validate", "--model", s(&model), s(&rows)]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("rows.jsonl:1: field `expected_output"),
+        "{text}"
+    );
+    assert!(text.contains("rows.jsonl:2: trains on nothing"), "{text}");
+    assert!(text.contains("3 rows, 1 usable"), "{text}");
+}

@@ -1,6 +1,7 @@
 //! Text in and out of whet: tokenizers (from a Hugging Face model directory or straight from a
 //! `.gguf` file), chat templates rendered exactly as transformers' `apply_chat_template` renders
-//! them, and Tinker datum files.
+//! them, training rows of every kind people bring (chat, prompt/response, ATIF trajectories,
+//! Tinker datums) and their rendering into tokens with loss weights.
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -21,9 +22,13 @@ mod error;
 pub mod gguf;
 mod gguf_tokenizer;
 mod pyfmt;
+pub mod render;
+pub mod rows;
 mod tokenizer;
 
 pub use chat_template::ChatTemplate;
 pub use datum::read_datums_jsonl;
 pub use error::{DataError, Result};
+pub use render::{render_conversation, Rendered, Scaffold, TrainOn};
+pub use rows::{parse_row, read_rows, scan_rows, Conversation, Format, Row};
 pub use tokenizer::Tokenizer;

@@ -227,3 +227,55 @@ fn tokenizer_can_be_shared_across_threads() {
     assert_send_sync::<Tokenizer>();
     assert_send_sync::<whet_data::ChatTemplate>();
 }
+
+/// Rendering for training: the tokens are exactly apply_chat_template's, and the weights mark
+/// each assistant reply with its `<|im_end|>` — not the header before it, nor the newline after.
+#[test]
+fn rendered_rows_train_on_assistant_replies_and_their_end_of_turn() {
+    use whet_data::{parse_row, render_conversation, Format, Row, Scaffold, TrainOn};
+    let Some(tok) = smollm2() else { return };
+    let row = serde_json::json!({"messages": [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome."}]});
+    let Row::Chat(conv) = parse_row(&row, Format::Auto).unwrap() else {
+        panic!("a chat row")
+    };
+    let scaffold = Scaffold {
+        system_prompt: Some("Answer in one word."),
+        tools: &[],
+    };
+    let trained_text = |train_on: TrainOn, conv: &whet_data::Conversation| {
+        let r = render_conversation(&tok, conv, &scaffold, train_on).unwrap();
+        assert_eq!(r.tokens.len(), r.weights.len());
+        let ids: Vec<u32> = r
+            .tokens
+            .iter()
+            .zip(&r.weights)
+            .filter(|(_, &w)| w > 0.0)
+            .map(|(&t, _)| t)
+            .collect();
+        (r.clone(), tok.decode(&ids, false).unwrap())
+    };
+    let (r, text) = trained_text(TrainOn::AllAssistantMessages, &conv);
+    let mut with_system = conv.messages.clone();
+    with_system.insert(
+        0,
+        serde_json::json!({"role": "system", "content": "Answer in one word."}),
+    );
+    assert_eq!(
+        r.tokens,
+        tok.apply_chat_template(&with_system, None, false).unwrap()
+    );
+    assert_eq!(text, "Paris.<|im_end|>Rome.<|im_end|>");
+    let (_, text) = trained_text(TrainOn::LastAssistantMessage, &conv);
+    assert_eq!(text, "Rome.<|im_end|>");
+    let (r, _) = trained_text(TrainOn::AllMessages, &conv);
+    assert_eq!(r.trained(), r.tokens.len());
+    // weight: 0 on a reply keeps it as context.
+    let mut zero = conv.clone();
+    zero.weights[1] = Some(false);
+    let (_, text) = trained_text(TrainOn::AllAssistantMessages, &zero);
+    assert_eq!(text, "Rome.<|im_end|>");
+}

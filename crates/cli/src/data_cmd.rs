@@ -1,0 +1,261 @@
+//! `whet data`: see what a dataset becomes for a model before training on it.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use whet_data::{render_conversation, Format, Row, Scaffold, Tokenizer, TrainOn};
+use whet_engine::ModelSource;
+
+use crate::common;
+
+/// `whet data` subcommands.
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Render a dataset with a model's chat template: the tokens of each row and which of them
+    /// are trained. Text output marks trained tokens in green on a terminal, between ⟦ and ⟧
+    /// otherwise; `--json` prints `{"line", "tokens", "weights"}` per row.
+    Render(RenderArgs),
+    /// Check a dataset against a model before any compute: every malformed row (file:line and
+    /// field), rows that train on nothing, rows over the maximum length, and counts of rows,
+    /// tokens and trained tokens. Exits with status 1 when a row is unusable.
+    Validate(ValidateArgs),
+}
+
+/// How rows are read and rendered (shared by `render` and `validate`).
+#[derive(clap::Args)]
+pub struct RowArgs {
+    /// The model whose tokenizer and chat template render the rows (only its tokenizer is read).
+    #[arg(long)]
+    model: String,
+    /// The dataset: a .jsonl, .json or .csv file of chat, prompt/response, ATIF trajectory or
+    /// Tinker datum rows.
+    file: PathBuf,
+    /// The rows' kind: auto, chat, prompt_response, trajectories or datums.
+    #[arg(long, default_value = "auto")]
+    format: Format,
+    /// Which messages are trained: all_assistant_messages, last_assistant_message or
+    /// all_messages.
+    #[arg(long, default_value = "all_assistant_messages")]
+    train_on: TrainOn,
+    /// A system prompt put first in every conversation (what a capability's prompt does).
+    #[arg(long)]
+    system_prompt: Option<String>,
+}
+
+/// Arguments of `whet data render`.
+#[derive(clap::Args)]
+pub struct RenderArgs {
+    #[command(flatten)]
+    rows: RowArgs,
+    /// Render only the first N rows.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// One JSON line per row.
+    #[arg(long)]
+    json: bool,
+    /// Write the output here (atomically) instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Runs a `whet data` subcommand.
+pub fn run(c: Command) -> Result<()> {
+    match c {
+        Command::Render(a) => render(a),
+        Command::Validate(a) => validate(a),
+    }
+}
+
+/// What happens to a row longer than the maximum length.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Overflow {
+    /// Keep its first max-length tokens.
+    Truncate,
+    /// Leave the row out.
+    Drop,
+}
+
+/// Arguments of `whet data validate`.
+#[derive(clap::Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    rows: RowArgs,
+    /// Maximum tokens per row (default: the model's context length).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// What training would do with a longer row.
+    #[arg(long, value_enum, default_value = "truncate")]
+    overflow: Overflow,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn tokenizer_of(model: &str) -> Result<(ModelSource, Tokenizer)> {
+    let source = ModelSource::resolve(model)?;
+    let tok = Tokenizer::from_model_path(source.tokenizer_path())
+        .with_context(|| format!("loading the tokenizer of {model}"))?;
+    Ok((source, tok))
+}
+
+fn validate(a: ValidateArgs) -> Result<()> {
+    let r = &a.rows;
+    let (source, tok) = tokenizer_of(&r.model)?;
+    let max_length = match a.max_length {
+        Some(n) => n,
+        None => whet_engine::loader::load_config(&source)?.max_position_embeddings,
+    };
+    let rows = whet_data::scan_rows(&r.file, r.format)?;
+    let (mut malformed, mut empty, mut over) = (vec![], vec![], vec![]);
+    let (mut usable, mut tokens, mut trained) = (0usize, 0usize, 0usize);
+    for (line, row) in &rows {
+        let at = format!("{}:{line}", r.file.display());
+        let rendered = match row {
+            Ok(row) => render_row(&tok, row, r).with_context(|| at.clone()),
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        };
+        let (t, mut w) = match rendered {
+            Ok(x) => x,
+            Err(e) => {
+                malformed.push(format!("{e:#}"));
+                continue;
+            }
+        };
+        if t.len() > max_length {
+            over.push(format!("{at}: {} tokens > {max_length}", t.len()));
+            if a.overflow == Overflow::Drop {
+                continue;
+            }
+            w.truncate(max_length);
+        }
+        let n_trained = w.iter().filter(|&&x| x > 0.0).count();
+        if n_trained == 0 {
+            empty.push(format!("{at}: trains on nothing"));
+            continue;
+        }
+        usable += 1;
+        tokens += w.len();
+        trained += n_trained;
+    }
+    let report = json!({
+        "file": r.file.display().to_string(),
+        "rows": rows.len(),
+        "usable_rows": usable,
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "max_length": max_length,
+        "overflow": a.overflow,
+        "malformed": malformed,
+        "trains_on_nothing": empty,
+        "over_max_length": over,
+    });
+    let text = if a.json {
+        format!("{report}\n")
+    } else {
+        let mut t = format!(
+            "{}: {} rows, {usable} usable; {tokens} tokens, {trained} trained\n",
+            r.file.display(),
+            rows.len()
+        );
+        for (what, list) in [
+            ("malformed", &malformed),
+            ("training on nothing", &empty),
+            ("over the maximum length", &over),
+        ] {
+            if !list.is_empty() {
+                t.push_str(&format!("{} {what}:\n", list.len()));
+                for item in list {
+                    t.push_str(&format!("  {item}\n"));
+                }
+            }
+        }
+        t
+    };
+    common::emit(None, &text)?;
+    if !malformed.is_empty() || !empty.is_empty() || usable == 0 {
+        anyhow::bail!(
+            "{}: {} malformed rows, {} training on nothing, {usable} usable",
+            r.file.display(),
+            malformed.len(),
+            empty.len()
+        );
+    }
+    Ok(())
+}
+
+/// Tokens and per-token weights of one row: a datum's weights sit on its targets, so the
+/// sequence is its first input token followed by the targets.
+fn render_row(tok: &Tokenizer, row: &Row, a: &RowArgs) -> Result<(Vec<u32>, Vec<f32>)> {
+    match row {
+        Row::Chat(conv) => {
+            let scaffold = Scaffold {
+                system_prompt: a.system_prompt.as_deref(),
+                tools: &[],
+            };
+            let r = render_conversation(tok, conv, &scaffold, a.train_on)?;
+            Ok((r.tokens, r.weights))
+        }
+        Row::Datum(d) => {
+            let inputs = d.model_input.to_ints();
+            let targets = d.loss_fn_inputs["target_tokens"]
+                .to_i64_vec()
+                .map_err(anyhow::Error::msg)?;
+            let weights = d
+                .loss_fn_inputs
+                .get("weights")
+                .map(|w| w.to_f32_vec())
+                .unwrap_or_else(|| vec![1.0; targets.len()]);
+            let mut tokens = Vec::with_capacity(targets.len() + 1);
+            tokens.extend(inputs.first().map(|&t| t as u32));
+            tokens.extend(targets.iter().map(|&t| t as u32));
+            let mut w = vec![0.0];
+            w.extend(weights);
+            Ok((tokens, w))
+        }
+    }
+}
+
+fn render(a: RenderArgs) -> Result<()> {
+    let (_, tok) = tokenizer_of(&a.rows.model)?;
+    let rows = whet_data::read_rows(&a.rows.file, a.rows.format)?;
+    let color = a.out.is_none() && std::io::stdout().is_terminal();
+    let mut out = String::new();
+    for (line, row) in rows.iter().take(a.limit.unwrap_or(usize::MAX)) {
+        let at = || format!("{}:{line}", a.rows.file.display());
+        let (tokens, weights) = render_row(&tok, row, &a.rows).with_context(at)?;
+        if a.json {
+            out.push_str(&json!({"line": line, "tokens": tokens, "weights": weights}).to_string());
+            out.push('\n');
+            continue;
+        }
+        let trained = weights.iter().filter(|&&w| w > 0.0).count();
+        out.push_str(&format!(
+            "── {} ({} tokens, {trained} trained)\n",
+            at(),
+            tokens.len()
+        ));
+        // Runs of equal weight, decoded together (a run boundary never splits a token).
+        let mut start = 0;
+        while start < tokens.len() {
+            let on = weights[start] > 0.0;
+            let mut end = start;
+            while end < tokens.len() && (weights[end] > 0.0) == on {
+                end += 1;
+            }
+            let text = tok.decode(&tokens[start..end], false)?;
+            match (on, color) {
+                (false, _) => out.push_str(&text),
+                (true, true) => out.push_str(&format!("\x1b[1;32m{text}\x1b[0m")),
+                (true, false) => out.push_str(&format!("⟦{text}⟧")),
+            }
+            start = end;
+        }
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    common::emit(a.out.as_ref(), &out)
+}
