@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use whet_data::{render_conversation, Format, Row, Scaffold, Tokenizer, TrainOn};
+use whet_data::{render_conversation, Format, Overflow, Row, Scaffold, Tokenizer, TrainOn};
 use whet_engine::ModelSource;
 
 use crate::common;
@@ -68,16 +68,6 @@ pub fn run(c: Command) -> Result<()> {
     }
 }
 
-/// What happens to a row longer than the maximum length.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-enum Overflow {
-    /// Keep its first max-length tokens.
-    Truncate,
-    /// Leave the row out.
-    Drop,
-}
-
 /// Arguments of `whet data validate`.
 #[derive(clap::Args)]
 pub struct ValidateArgs {
@@ -87,7 +77,7 @@ pub struct ValidateArgs {
     #[arg(long)]
     max_length: Option<usize>,
     /// What training would do with a longer row.
-    #[arg(long, value_enum, default_value = "truncate")]
+    #[arg(long, default_value = "truncate")]
     overflow: Overflow,
     /// Print the report as one JSON object.
     #[arg(long)]

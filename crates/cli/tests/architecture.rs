@@ -1,4 +1,4 @@
-//! The dependency arrows point one way (cli → engine → lora → contract; data → contract), and
+//! The dependency arrows point one way (cli → engine → lora → contract; sft → data → contract), and
 //! the tensor library stays out of the crates that only move data and talk the contract — so
 //! they build and test without candle. Checked on the real graph (`cargo metadata`).
 
@@ -94,7 +94,11 @@ fn dependency_arrows_point_one_way() {
         whet(&closure(&graph, "whet-engine")),
         set(&["whet-contract", "whet-lora"])
     );
-    for light in ["whet-contract", "whet-data"] {
+    assert_eq!(
+        whet(&closure(&graph, "whet-sft")),
+        set(&["whet-contract", "whet-data"])
+    );
+    for light in ["whet-contract", "whet-data", "whet-sft"] {
         let deps = closure(&graph, light);
         assert!(
             !deps.iter().any(|d| d.starts_with("candle")),

@@ -29,6 +29,6 @@ mod tokenizer;
 pub use chat_template::ChatTemplate;
 pub use datum::read_datums_jsonl;
 pub use error::{DataError, Result};
-pub use render::{render_conversation, Rendered, Scaffold, TrainOn};
+pub use render::{render_conversation, Overflow, Rendered, Scaffold, TrainOn};
 pub use rows::{parse_row, read_rows, scan_rows, Conversation, Format, Row};
 pub use tokenizer::Tokenizer;

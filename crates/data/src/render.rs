@@ -43,6 +43,26 @@ impl std::str::FromStr for TrainOn {
     }
 }
 
+/// What happens to a row longer than the maximum length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Keep its first max-length tokens.
+    #[default]
+    Truncate,
+    /// Leave the row out.
+    Drop,
+}
+
+impl std::str::FromStr for Overflow {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        serde_json::from_value(Value::String(s.to_string()))
+            .map_err(|_| format!("{s:?}: expected truncate or drop"))
+    }
+}
+
 /// A rendered conversation: token ids and, per token, its loss weight (0 or 1).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rendered {

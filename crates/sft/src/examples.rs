@@ -1,0 +1,186 @@
+//! Rows to training examples: conversations rendered with the model's chat template (loss on
+//! the tokens `train_on` picks), datums as given; every row checked before any compute.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use whet_contract::{Datum, ModelInput, TensorData};
+use whet_data::{render_conversation, Overflow, Row, Scaffold, Tokenizer, TrainOn};
+
+use crate::SftError;
+
+/// One training sequence.
+#[derive(Debug, Clone)]
+pub struct Example {
+    /// Position `i` of the input predicts `target_tokens[i]`, weighted by `weights[i]`.
+    pub datum: Datum,
+    /// Chat rows: the loss is the mean over the batch's trained tokens, so the weights are
+    /// divided by the batch's total at each step. Datums keep their weights as given.
+    pub normalize: bool,
+    /// Σ weights (the trained tokens of a chat row).
+    pub weight_sum: f64,
+}
+
+impl Example {
+    /// Tokens the model reads.
+    pub fn tokens(&self) -> usize {
+        self.datum.model_input.length()
+    }
+}
+
+/// How rows become examples.
+#[derive(Debug, Clone)]
+pub struct Rendering<'a> {
+    /// The capability's system prompt and tools.
+    pub scaffold: Scaffold<'a>,
+    /// Which messages are trained.
+    pub train_on: TrainOn,
+    /// Longest sequence (tokens) a row may render to.
+    pub max_length: usize,
+    /// What to do with longer rows.
+    pub overflow: Overflow,
+}
+
+/// What became of the rows.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Prepared {
+    /// Rows dropped for length (`file:line`).
+    pub dropped: Vec<String>,
+    /// Rows truncated to the maximum length (`file:line`).
+    pub truncated: Vec<String>,
+    /// Tokens of the kept rows.
+    pub tokens: usize,
+    /// Trained tokens of the kept rows.
+    pub trained_tokens: usize,
+}
+
+/// Turns rows (with their line numbers in `file`) into examples. A row that fails to render or
+/// trains on nothing is an error naming `file:line` — a dataset never trains silently on less
+/// than it says.
+pub fn prepare(
+    rows: &[(usize, Row)],
+    file: &Path,
+    tokenizer: &Tokenizer,
+    r: &Rendering<'_>,
+) -> Result<(Vec<Example>, Prepared), SftError> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut report = Prepared::default();
+    for (line, row) in rows {
+        let at = format!("{}:{line}", file.display());
+        let row_err = |message: String| SftError::Row {
+            location: at.clone(),
+            message,
+        };
+        let (mut datum, normalize) = match row {
+            Row::Datum(d) => (d.clone(), false),
+            Row::Chat(conv) => {
+                let rendered = render_conversation(tokenizer, conv, &r.scaffold, r.train_on)
+                    .map_err(|e| row_err(e.to_string()))?;
+                let n = rendered.tokens.len();
+                if n < 2 {
+                    return Err(row_err("renders to fewer than 2 tokens".into()));
+                }
+                let ints: Vec<i64> = rendered.tokens.iter().map(|&t| t as i64).collect();
+                let datum = Datum {
+                    model_input: ModelInput::from_ints(ints[..n - 1].to_vec()),
+                    loss_fn_inputs: [
+                        (
+                            "target_tokens".to_string(),
+                            TensorData::from_i64(ints[1..].to_vec()),
+                        ),
+                        (
+                            "weights".to_string(),
+                            TensorData::from_f32(rendered.weights[1..].to_vec()),
+                        ),
+                    ]
+                    .into_iter()
+                    .collect(),
+                };
+                (datum, true)
+            }
+        };
+        if datum.model_input.length() > r.max_length {
+            match r.overflow {
+                Overflow::Drop => {
+                    report.dropped.push(at);
+                    continue;
+                }
+                Overflow::Truncate => {
+                    datum = truncate(&datum, r.max_length);
+                    report.truncated.push(at.clone());
+                }
+            }
+        }
+        let weight_sum: f64 = datum
+            .loss_fn_inputs
+            .get("weights")
+            .map(|w| w.to_f32_vec().iter().map(|&x| x as f64).sum())
+            .unwrap_or(datum.model_input.length() as f64);
+        if weight_sum <= 0.0 {
+            return Err(row_err(
+                "trains on nothing (no weighted target token; check train_on and the row's \
+                 assistant messages)"
+                    .into(),
+            ));
+        }
+        report.tokens += datum.model_input.length();
+        report.trained_tokens += datum
+            .loss_fn_inputs
+            .get("weights")
+            .map(|w| w.to_f32_vec().iter().filter(|&&x| x > 0.0).count())
+            .unwrap_or(datum.model_input.length());
+        out.push(Example {
+            datum,
+            normalize,
+            weight_sum,
+        });
+    }
+    Ok((out, report))
+}
+
+/// The first `len` positions of a datum (inputs and every per-position loss input).
+fn truncate(d: &Datum, len: usize) -> Datum {
+    let ints = d.model_input.to_ints();
+    let mut inputs = BTreeMap::new();
+    for (k, t) in &d.loss_fn_inputs {
+        let cut = match t.to_i64_vec() {
+            Ok(v) if k == "target_tokens" => TensorData::from_i64(v[..len.min(v.len())].to_vec()),
+            _ => {
+                let v = t.to_f32_vec();
+                TensorData::from_f32(v[..len.min(v.len())].to_vec())
+            }
+        };
+        inputs.insert(k.clone(), cut);
+    }
+    Datum {
+        model_input: ModelInput::from_ints(ints[..len.min(ints.len())].to_vec()),
+        loss_fn_inputs: inputs,
+    }
+}
+
+/// Copies of `batch` with the chat rows' weights divided by their total, so the summed loss
+/// is the mean over the batch's trained tokens; datums unchanged.
+pub fn normalized(batch: &[&Example]) -> Vec<Datum> {
+    let total: f64 = batch
+        .iter()
+        .filter(|e| e.normalize)
+        .map(|e| e.weight_sum)
+        .sum();
+    batch
+        .iter()
+        .map(|e| {
+            let mut d = e.datum.clone();
+            if e.normalize && total > 0.0 {
+                if let Some(w) = d.loss_fn_inputs.get_mut("weights") {
+                    let scaled = w
+                        .to_f32_vec()
+                        .iter()
+                        .map(|&x| (x as f64 / total) as f32)
+                        .collect();
+                    *w = TensorData::from_f32(scaled);
+                }
+            }
+            d
+        })
+        .collect()
+}
