@@ -6,6 +6,7 @@ mod data_cmd;
 mod logprobs_cmd;
 mod model_cmd;
 mod sample_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,9 @@ enum Command {
     /// Inspect models.
     #[command(subcommand)]
     Model(model_cmd::Command),
+    /// Run a training job file (SFT) in the foreground: progress, metrics, checkpoints, the
+    /// final adapter, and the job record.
+    Train(train_cmd::Args),
     /// See what a dataset becomes for a model: tokens and trained tokens per row.
     #[command(subcommand)]
     Data(data_cmd::Command),
@@ -60,6 +64,7 @@ fn main() {
         Command::Adapter(c) => adapter_cmd::run(c),
         Command::Model(c) => model_cmd::run(c),
         Command::Data(c) => data_cmd::run(c),
+        Command::Train(a) => train_cmd::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

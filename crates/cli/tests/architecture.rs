@@ -1,4 +1,4 @@
-//! The dependency arrows point one way (cli → engine → lora → contract; sft → data → contract), and
+//! The dependency arrows point one way (cli → engine → lora → contract; jobs → sft → data → contract), and
 //! the tensor library stays out of the crates that only move data and talk the contract — so
 //! they build and test without candle. Checked on the real graph (`cargo metadata`).
 
@@ -98,7 +98,11 @@ fn dependency_arrows_point_one_way() {
         whet(&closure(&graph, "whet-sft")),
         set(&["whet-contract", "whet-data"])
     );
-    for light in ["whet-contract", "whet-data", "whet-sft"] {
+    assert_eq!(
+        whet(&closure(&graph, "whet-jobs")),
+        set(&["whet-contract", "whet-data", "whet-sft"])
+    );
+    for light in ["whet-contract", "whet-data", "whet-sft", "whet-jobs"] {
         let deps = closure(&graph, light);
         assert!(
             !deps.iter().any(|d| d.starts_with("candle")),

@@ -377,3 +377,96 @@ fn data_render_shows_the_trained_tokens_of_every_row_kind() {
     assert!(text.contains("rows.jsonl:2: trains on nothing"), "{text}");
     assert!(text.contains("3 rows, 1 usable"), "{text}");
 }
+
+#[test]
+fn train_runs_an_sft_job_file_and_refuses_bad_input_before_any_compute() {
+    let Some(model) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let rows = tmp.path().join("rows.jsonl");
+    std::fs::write(
+        &rows,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}"#,
+            "\n",
+            r#"{"question": "2+2?", "answer": "4"}"#,
+            "\n",
+            r#"{"prompt": "Capital of Italy?", "completion": "Rome."}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let job = tmp.path().join("job.toml");
+    let write_job = |extra: &str| {
+        std::fs::write(
+            &job,
+            format!(
+                "name = \"t\"\nshape = \"sft\"\nmodel = {:?}\n{extra}[data]\ndataset = \"rows.jsonl\"\n\
+                 eval_dataset = \"rows.jsonl\"\n[lora]\nrank = 4\n[optimizer]\nlearning_rate = 1e-3\n\
+                 [schedule]\nepochs = 2\nbatch_size = 2\ncheckpoint_interval = 2\neval_interval = 2\n",
+                s(&model)
+            ),
+        )
+        .unwrap()
+    };
+    write_job("");
+    let out = ok(&["train", s(&job), "--home", s(&home), "--json"]);
+    let record: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["metrics"]["step"], 4);
+    let adapter = PathBuf::from(record["artifacts"]["final_adapter"].as_str().unwrap());
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let metrics =
+        std::fs::read_to_string(record["artifacts"]["metrics"].as_str().unwrap()).unwrap();
+    let lines: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    let evals: Vec<f64> = lines
+        .iter()
+        .filter_map(|m| m["eval_loss"].as_f64())
+        .collect();
+    assert_eq!(evals.len(), 2);
+    assert!(evals[1] < evals[0], "eval loss falls: {evals:?}");
+    for key in [
+        "loss",
+        "learning_rate",
+        "num_tokens",
+        "num_loss_tokens",
+        "tokens_per_second",
+        "grad_norm",
+    ] {
+        assert!(lines[0][key].is_number(), "{key} in {}", lines[0]);
+    }
+    // The adapter is a PEFT directory the sampler takes.
+    ok(&[
+        "sample",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    ]);
+
+    // Bad input: one clear error, and no run started.
+    let runs = || std::fs::read_dir(home.join("runs")).unwrap().count();
+    let before = runs();
+    write_job("epochs = 2\n"); // belongs in [schedule]
+    let e = fails(&["train", s(&job), "--home", s(&home)]);
+    assert!(e.contains("job.toml") && e.contains("epochs"), "{e}");
+    write_job("");
+    std::fs::write(&rows, "{\"prompt\": \"x\"}\n").unwrap();
+    let e = fails(&["train", s(&job), "--home", s(&home)]);
+    assert!(
+        e.contains("rows.jsonl:1") && e.contains("expected_output"),
+        "{e}"
+    );
+    write_job("capability = \"support@1.0.0\"\n");
+    let e = fails(&["train", s(&job), "--home", s(&home)]);
+    assert!(e.contains("support@1.0.0"), "{e}");
+    assert_eq!(runs(), before);
+}

@@ -54,13 +54,14 @@ pub struct Prepared {
     pub trained_tokens: usize,
 }
 
-/// Turns rows (with their line numbers in `file`) into examples. A row that fails to render or
+/// Turns rows (with their line numbers in `file`) into examples (conversations need the
+/// tokenizer; datums do not). A row that fails to render or
 /// trains on nothing is an error naming `file:line` — a dataset never trains silently on less
 /// than it says.
 pub fn prepare(
     rows: &[(usize, Row)],
     file: &Path,
-    tokenizer: &Tokenizer,
+    tokenizer: Option<&Tokenizer>,
     r: &Rendering<'_>,
 ) -> Result<(Vec<Example>, Prepared), SftError> {
     let mut out = Vec::with_capacity(rows.len());
@@ -74,6 +75,9 @@ pub fn prepare(
         let (mut datum, normalize) = match row {
             Row::Datum(d) => (d.clone(), false),
             Row::Chat(conv) => {
+                let tokenizer = tokenizer.ok_or_else(|| {
+                    row_err("a conversation needs the model's tokenizer to render".into())
+                })?;
                 let rendered = render_conversation(tokenizer, conv, &r.scaffold, r.train_on)
                     .map_err(|e| row_err(e.to_string()))?;
                 let n = rendered.tokens.len();

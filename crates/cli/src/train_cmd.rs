@@ -1,0 +1,280 @@
+//! `whet train JOB.toml`: an SFT job in the foreground — rows checked and rendered before any
+//! compute, a progress bar with loss, tokens/s and ETA, metrics as JSON lines, checkpoints and
+//! the final adapter in the run's directory under the home, and the job record at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use whet_data::Scaffold;
+use whet_engine::{Precision, TrainingSession};
+use whet_jobs::{JobSpec, Shape};
+use whet_lora::{LoraConfig, Target};
+use whet_sft::{Checkpoint, Control, Observer, Rendering, StepMetrics};
+
+use crate::common;
+
+/// Arguments of `whet train`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The job file (TOML): name, shape, model, [data], [lora], [optimizer], [schedule].
+    job: PathBuf,
+    /// whet's home: runs are kept under HOME/runs/ID (default: $WHET_HOME, else ~/.whet).
+    #[arg(long, env = "WHET_HOME")]
+    home: Option<PathBuf>,
+    /// The base model's precision: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
+    /// Print the final job record as one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn home(arg: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(h) = arg {
+        return Ok(h);
+    }
+    let user = std::env::var_os("HOME").context("neither --home, WHET_HOME nor HOME is set")?;
+    Ok(PathBuf::from(user).join(".whet"))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A local file the job names (registries of `name@version` come with the store).
+fn local_file(what: &str, spec: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(spec);
+    if p.is_file() {
+        return Ok(p);
+    }
+    if spec.contains('@') {
+        bail!("{what} {spec:?}: this home has no dataset registry yet; name the file instead");
+    }
+    bail!("{what} {spec:?}: no such file")
+}
+
+/// Progress and metrics of the running job.
+struct Progress {
+    bar: ProgressBar,
+    metrics: std::fs::File,
+    last: Option<StepMetrics>,
+    checkpoints: Vec<Checkpoint>,
+}
+
+impl Observer for Progress {
+    fn on_step(&mut self, m: &StepMetrics) -> Control {
+        self.bar.set_position(m.step as u64);
+        let eval = m
+            .eval_loss
+            .map(|e| format!("  eval {e:.4}"))
+            .unwrap_or_default();
+        self.bar.set_message(format!(
+            "loss {:.4}{eval}  {:.0} tok/s",
+            m.loss, m.tokens_per_second
+        ));
+        let line = serde_json::to_string(m).unwrap_or_default();
+        if let Err(e) = writeln!(self.metrics, "{line}") {
+            tracing::warn!("writing metrics: {e}");
+        }
+        self.last = Some(m.clone());
+        Control::Continue
+    }
+
+    fn on_checkpoint(&mut self, c: &Checkpoint) {
+        self.checkpoints.push(c.clone());
+    }
+}
+
+fn lora_config(spec: &JobSpec) -> Result<LoraConfig> {
+    let target_modules = spec
+        .lora
+        .target_modules
+        .iter()
+        .map(|t| {
+            serde_json::from_value::<Target>(Value::String(t.clone())).map_err(|_| {
+                anyhow::anyhow!(
+                    "lora.target_modules: {t:?} is not one of q_proj, k_proj, v_proj, o_proj, \
+                     gate_proj, up_proj, down_proj"
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(LoraConfig {
+        rank: spec.lora.rank,
+        alpha: spec.lora.alpha,
+        dropout: spec.lora.dropout,
+        seed: spec.lora.seed,
+        target_modules,
+        ..LoraConfig::default()
+    })
+}
+
+/// Runs the job; on failure after the run directory exists, the record says why.
+pub fn run(a: Args) -> Result<()> {
+    let spec = JobSpec::from_file(&a.job)?;
+    if spec.shape != Shape::Sft {
+        bail!(
+            "{}: shape = \"rl\": RL jobs are not available yet",
+            a.job.display()
+        );
+    }
+    if let Some(c) = &spec.capability {
+        bail!("capability {c:?}: this home has no capability registry yet; leave it out");
+    }
+    // Everything that can be wrong with the input is found before any compute.
+    let dataset = local_file("data.dataset", &spec.data.dataset)?;
+    let eval_file = match &spec.data.eval_dataset {
+        Some(e) => Some(local_file("data.eval_dataset", e)?),
+        None => None,
+    };
+    let lora = lora_config(&spec)?;
+    let rows = whet_data::read_rows(&dataset, spec.data.format)?;
+    let eval_rows = match &eval_file {
+        Some(f) => whet_data::read_rows(f, spec.data.format)?,
+        None => vec![],
+    };
+    // Conversations need the tokenizer; datums alone do not.
+    let chats = rows
+        .iter()
+        .chain(&eval_rows)
+        .any(|(_, r)| matches!(r, whet_data::Row::Chat(_)));
+    let loaded = common::load(&spec.model, a.precision, chats)?;
+    let tok = loaded.tokenizer.as_deref();
+    let rendering = Rendering {
+        scaffold: Scaffold::default(),
+        train_on: spec.data.train_on,
+        max_length: spec
+            .data
+            .max_length
+            .unwrap_or(loaded.model.config.max_position_embeddings),
+        overflow: spec.data.overflow,
+    };
+    let (examples, prepared) = whet_sft::prepare(&rows, &dataset, tok, &rendering)?;
+    let eval = match &eval_file {
+        Some(f) => whet_sft::prepare(&eval_rows, f, tok, &rendering)?.0,
+        None => vec![],
+    };
+    let plan = whet_sft::Plan::new(examples.len(), &spec.schedule)?;
+    let adapter = match &spec.lora.init_adapter {
+        Some(dir) => Some(common::load_adapter(&loaded, dir)?),
+        None => None,
+    };
+
+    let created = now();
+    let slug: String = spec
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let id = format!("{slug}-{created:x}");
+    let dir = home(a.home)?.join("runs").join(&id);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ckpt = dir.join("checkpoints");
+    let mut session = match adapter {
+        Some(ad) => TrainingSession::with_adapter(
+            loaded.model.clone(),
+            &spec.model,
+            ad,
+            &ckpt,
+            common::sampler_options(&loaded),
+        ),
+        None => TrainingSession::new(
+            loaded.model.clone(),
+            &spec.model,
+            lora,
+            &ckpt,
+            common::sampler_options(&loaded),
+        )?,
+    };
+    tracing::info!(
+        "{id}: {} rows ({} tokens, {} trained; {} truncated, {} dropped), {} steps",
+        examples.len(),
+        prepared.tokens,
+        prepared.trained_tokens,
+        prepared.truncated.len(),
+        prepared.dropped.len(),
+        plan.total_steps()
+    );
+    let bar = ProgressBar::new(plan.total_steps() as u64).with_style(
+        ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut progress = Progress {
+        bar,
+        metrics: std::fs::File::create(dir.join("metrics.jsonl"))?,
+        last: None,
+        checkpoints: vec![],
+    };
+    let result = whet_sft::train(
+        &mut session,
+        &examples,
+        &eval,
+        &spec.optimizer,
+        &spec.schedule,
+        0,
+        &mut progress,
+    );
+    progress.bar.finish_and_clear();
+    let (status, error) = match &result {
+        Ok(_) => ("completed", Value::Null),
+        Err(e) => ("failed", Value::String(e.to_string())),
+    };
+    let last = progress.checkpoints.last();
+    let record = json!({
+        "id": id,
+        "status": status,
+        "name": spec.name,
+        "trainer_type": "sft",
+        "model": spec.model,
+        "precision": a.precision.to_string(),
+        "dataset_ref": dataset.display().to_string(),
+        "config": spec,
+        "data": prepared,
+        "metrics": progress.last,
+        "artifacts": {
+            "final_adapter": last.filter(|_| result.is_ok()).map(|c| c.adapter.clone()),
+            "checkpoints": progress.checkpoints,
+            "metrics": dir.join("metrics.jsonl").display().to_string(),
+        },
+        "error": error,
+        "created_at": created,
+        "completed_at": now(),
+    });
+    write_record(&dir, &record)?;
+    result?;
+    if a.json {
+        println!("{record}");
+    } else {
+        let m = &record["metrics"];
+        println!(
+            "{id}: completed {} steps, loss {:.4}{}; adapter {}",
+            m["step"],
+            m["loss"].as_f64().unwrap_or(f64::NAN),
+            m["eval_loss"]
+                .as_f64()
+                .map(|e| format!(", eval loss {e:.4}"))
+                .unwrap_or_default(),
+            record["artifacts"]["final_adapter"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+fn write_record(dir: &Path, record: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(record)?;
+    whet_lora::io::write_atomic(&dir.join("job.json"), text.as_bytes())?;
+    Ok(())
+}
