@@ -28,9 +28,52 @@ pub struct Args {
     /// The base model's precision: f32 or bf16.
     #[arg(long, default_value = "f32")]
     precision: Precision,
+    /// Show the model's greedy answers to the first N eval prompts (training prompts without
+    /// an eval set) before and after training.
+    #[arg(long, default_value_t = 0)]
+    preview: usize,
     /// Print the final job record as one JSON line.
     #[arg(long)]
     json: bool,
+}
+
+/// Prompts for `--preview`: each conversation up to its last assistant message.
+fn preview_prompts(rows: &[(usize, whet_data::Row)], n: usize) -> Vec<Vec<Value>> {
+    rows.iter()
+        .filter_map(|(_, r)| match r {
+            whet_data::Row::Chat(c) => {
+                let last = c.messages.iter().rposition(|m| m["role"] == "assistant")?;
+                Some(c.messages[..last].to_vec())
+            }
+            whet_data::Row::Datum(_) => None,
+        })
+        .take(n)
+        .collect()
+}
+
+/// Greedy answers (up to 48 tokens) of the session's current weights.
+fn answers(
+    session: &mut TrainingSession,
+    tok: &whet_data::Tokenizer,
+    prompts: &[Vec<Value>],
+) -> Result<Vec<String>> {
+    use whet_contract::{ModelInput, SamplingParams, TrainingClient};
+    let sampler = session.sampling_client()?;
+    let params = SamplingParams {
+        max_tokens: Some(48),
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    prompts
+        .iter()
+        .map(|messages| {
+            let ids = tok.apply_chat_template(messages, None, true)?;
+            let input = ModelInput::from_ints(ids.iter().map(|&t| t as i64).collect());
+            let out = sampler.sample(&input, 1, &params, false, 0)?;
+            let tokens: Vec<u32> = out.sequences[0].tokens.iter().map(|&t| t as u32).collect();
+            Ok(tok.decode(&tokens, true)?.trim().to_string())
+        })
+        .collect()
 }
 
 fn home(arg: Option<PathBuf>) -> Result<PathBuf> {
@@ -66,6 +109,7 @@ struct Progress {
     metrics: std::fs::File,
     last: Option<StepMetrics>,
     checkpoints: Vec<Checkpoint>,
+    initial_eval: Option<f64>,
 }
 
 impl Observer for Progress {
@@ -89,6 +133,16 @@ impl Observer for Progress {
 
     fn on_checkpoint(&mut self, c: &Checkpoint) {
         self.checkpoints.push(c.clone());
+    }
+
+    fn on_initial_eval(&mut self, eval_loss: f64) {
+        self.initial_eval = Some(eval_loss);
+        self.bar
+            .set_message(format!("eval {eval_loss:.4} before training"));
+        let line = json!({"step": 0, "eval_loss": eval_loss});
+        if let Err(e) = writeln!(self.metrics, "{line}") {
+            tracing::warn!("writing metrics: {e}");
+        }
     }
 }
 
@@ -212,11 +266,27 @@ pub fn run(a: Args) -> Result<()> {
         ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let prompts = match tok {
+        Some(_) if a.preview > 0 => preview_prompts(
+            if eval_rows.is_empty() {
+                &rows
+            } else {
+                &eval_rows
+            },
+            a.preview,
+        ),
+        _ => vec![],
+    };
+    let before = match tok {
+        Some(t) if !prompts.is_empty() => answers(&mut session, t, &prompts)?,
+        _ => vec![],
+    };
     let mut progress = Progress {
         bar,
         metrics: std::fs::File::create(dir.join("metrics.jsonl"))?,
         last: None,
         checkpoints: vec![],
+        initial_eval: None,
     };
     let result = whet_sft::train(
         &mut session,
@@ -232,6 +302,18 @@ pub fn run(a: Args) -> Result<()> {
         Ok(_) => ("completed", Value::Null),
         Err(e) => ("failed", Value::String(e.to_string())),
     };
+    let after = match tok {
+        Some(t) if result.is_ok() && !prompts.is_empty() => answers(&mut session, t, &prompts)?,
+        _ => vec![],
+    };
+    let preview: Vec<Value> = prompts
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|(p, (b, a))| {
+            let question = p.last().map(|m| m["content"].clone()).unwrap_or_default();
+            json!({"prompt": question, "before": b, "after": a})
+        })
+        .collect();
     let last = progress.checkpoints.last();
     let record = json!({
         "id": id,
@@ -244,12 +326,14 @@ pub fn run(a: Args) -> Result<()> {
         "config": spec,
         "data": prepared,
         "metrics": progress.last,
+        "initial_eval_loss": progress.initial_eval,
         "artifacts": {
             "final_adapter": last.filter(|_| result.is_ok()).map(|c| c.adapter.clone()),
             "checkpoints": progress.checkpoints,
             "metrics": dir.join("metrics.jsonl").display().to_string(),
         },
         "error": error,
+        "preview": preview,
         "created_at": created,
         "completed_at": now(),
     });
@@ -258,15 +342,27 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         println!("{record}");
     } else {
+        for p in &preview {
+            println!("Q: {}", p["prompt"].as_str().unwrap_or_default());
+            println!(
+                "   before: {}",
+                p["before"].as_str().unwrap_or_default().replace('\n', " ")
+            );
+            println!(
+                "   after:  {}",
+                p["after"].as_str().unwrap_or_default().replace('\n', " ")
+            );
+        }
         let m = &record["metrics"];
+        let eval = match (progress.initial_eval, m["eval_loss"].as_f64()) {
+            (Some(a), Some(b)) => format!(", eval loss {a:.4} → {b:.4}"),
+            (None, Some(b)) => format!(", eval loss {b:.4}"),
+            _ => String::new(),
+        };
         println!(
-            "{id}: completed {} steps, loss {:.4}{}; adapter {}",
+            "{id}: completed {} steps, loss {:.4}{eval}; adapter {}",
             m["step"],
             m["loss"].as_f64().unwrap_or(f64::NAN),
-            m["eval_loss"]
-                .as_f64()
-                .map(|e| format!(", eval loss {e:.4}"))
-                .unwrap_or_default(),
             record["artifacts"]["final_adapter"].as_str().unwrap_or("-")
         );
     }

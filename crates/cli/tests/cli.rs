@@ -422,13 +422,16 @@ fn train_runs_an_sft_job_file_and_refuses_bad_input_before_any_compute() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 4);
+    assert_eq!(lines.len(), 5); // the eval before training, then 4 steps
+    assert_eq!(lines[0]["step"], 0);
     let evals: Vec<f64> = lines
         .iter()
         .filter_map(|m| m["eval_loss"].as_f64())
         .collect();
-    assert_eq!(evals.len(), 2);
-    assert!(evals[1] < evals[0], "eval loss falls: {evals:?}");
+    assert_eq!(evals.len(), 3);
+    assert!(evals[2] < evals[0], "eval loss falls: {evals:?}");
+    assert_eq!(record["initial_eval_loss"].as_f64(), Some(evals[0]));
+    let lines = &lines[1..];
     for key in [
         "loss",
         "learning_rate",

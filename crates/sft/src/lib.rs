@@ -91,6 +91,8 @@ pub trait Observer {
     fn on_step(&mut self, metrics: &StepMetrics) -> Control;
     /// After each checkpoint, before training goes on.
     fn on_checkpoint(&mut self, checkpoint: &Checkpoint);
+    /// The eval loss before the first step (a run from step 0 with eval rows).
+    fn on_initial_eval(&mut self, _eval_loss: f64) {}
 }
 
 /// How a run ended.
@@ -98,6 +100,8 @@ pub trait Observer {
 pub struct Outcome {
     /// Steps completed (counting those before a resume).
     pub steps: usize,
+    /// The eval loss before training (runs from step 0 with eval rows).
+    pub initial_eval_loss: Option<f64>,
     /// The run's steps, when it was not stopped.
     pub total_steps: usize,
     /// The final checkpoint (absent when stopped early).
@@ -129,6 +133,15 @@ pub fn train(
     }
     let eval_datums = eval_set(eval);
     let loss_config = LossFnConfig::new();
+    // The starting point of the eval curve (forward only: no state changes, so a resumed run
+    // that skips it stays bitwise the same).
+    let initial_eval_loss = if start_step == 0 && !eval_datums.is_empty() {
+        let l = eval_loss(client, &eval_datums)?;
+        observer.on_initial_eval(l);
+        Some(l)
+    } else {
+        None
+    };
     for step in start_step..total {
         let started = Instant::now();
         // 1. The step's rows, chat rows normalised to a mean over the batch's trained tokens.
@@ -181,6 +194,7 @@ pub fn train(
             let c = checkpoint(client, done, "final")?;
             observer.on_checkpoint(&c);
             return Ok(Outcome {
+                initial_eval_loss,
                 steps: done,
                 total_steps: total,
                 last: Some(c),
@@ -189,6 +203,7 @@ pub fn train(
         }
         if control == Control::Stop {
             return Ok(Outcome {
+                initial_eval_loss,
                 steps: done,
                 total_steps: total,
                 last: None,
@@ -202,6 +217,7 @@ pub fn train(
     }
     // Resumed at the very end: nothing left to train.
     Ok(Outcome {
+        initial_eval_loss,
         steps: total,
         total_steps: total,
         last: None,
