@@ -38,7 +38,7 @@ enum Command {
     Model(model_cmd::Command),
     /// Run a training job file (SFT) in the foreground: progress, metrics, checkpoints, the
     /// final adapter, and the job record.
-    Train(train_cmd::Args),
+    Train(Box<train_cmd::Args>),
     /// See what a dataset becomes for a model: tokens and trained tokens per row.
     #[command(subcommand)]
     Data(data_cmd::Command),
@@ -64,7 +64,7 @@ fn main() {
         Command::Adapter(c) => adapter_cmd::run(c),
         Command::Model(c) => model_cmd::run(c),
         Command::Data(c) => data_cmd::run(c),
-        Command::Train(a) => train_cmd::run(a),
+        Command::Train(a) => train_cmd::run(*a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

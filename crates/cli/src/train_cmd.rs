@@ -19,22 +19,146 @@ use crate::common;
 
 /// Arguments of `whet train`.
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
     /// The job file (TOML): name, shape, model, [data], [lora], [optimizer], [schedule].
-    job: PathBuf,
+    #[arg(required = true)]
+    job: Option<PathBuf>,
+    /// The job as flags instead of a file.
+    #[command(subcommand)]
+    flags: Option<Flags>,
     /// whet's home: runs are kept under HOME/runs/ID (default: $WHET_HOME, else ~/.whet).
-    #[arg(long, env = "WHET_HOME")]
+    #[arg(long, env = "WHET_HOME", global = true)]
     home: Option<PathBuf>,
     /// The base model's precision: f32 or bf16.
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value = "f32", global = true)]
     precision: Precision,
     /// Show the model's greedy answers to the first N eval prompts (training prompts without
     /// an eval set) before and after training.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, global = true)]
     preview: usize,
     /// Print the final job record as one JSON line.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
+}
+
+/// `whet train sft ...`: the job file's keys as flags.
+#[derive(clap::Subcommand)]
+enum Flags {
+    /// An SFT job from flags (the job file's keys; defaults as in a job file).
+    Sft(SftFlags),
+}
+
+/// The SFT job file as flags.
+#[derive(clap::Args)]
+struct SftFlags {
+    /// Base model: a Hugging Face directory, a .gguf file or a cached hub id.
+    #[arg(long)]
+    model: String,
+    /// Training rows (a file).
+    #[arg(long)]
+    dataset: String,
+    /// Eval rows (a file).
+    #[arg(long)]
+    eval_dataset: Option<String>,
+    /// A name for the run.
+    #[arg(long, default_value = "sft")]
+    name: String,
+    /// Capability `name@version`.
+    #[arg(long)]
+    capability: Option<String>,
+    /// Rows' kind: auto, chat, prompt_response, trajectories or datums.
+    #[arg(long)]
+    format: Option<whet_data::Format>,
+    /// all_assistant_messages, last_assistant_message or all_messages.
+    #[arg(long)]
+    train_on: Option<whet_data::TrainOn>,
+    /// Longest sequence in tokens (default: the model's context).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// LoRA rank.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha.
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// A PEFT adapter to continue from.
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    /// Peak learning rate.
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Passes over the rows.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// A cap on optimizer steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Rows per optimizer step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Forward/backward passes per step.
+    #[arg(long)]
+    gradient_accumulation_steps: Option<usize>,
+    /// constant, linear or cosine.
+    #[arg(long)]
+    lr_schedule: Option<String>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long)]
+    checkpoint_interval: Option<usize>,
+    /// Eval every N steps.
+    #[arg(long)]
+    eval_interval: Option<usize>,
+    /// Shuffling seed.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SftFlags {
+    /// The job these flags describe: a job file's defaults, overridden flag by flag.
+    fn spec(self) -> Result<JobSpec> {
+        let mut s: JobSpec = serde_json::from_value(json!({
+            "name": self.name,
+            "shape": "sft",
+            "model": self.model,
+            "capability": self.capability,
+            "data": {"dataset": self.dataset, "eval_dataset": self.eval_dataset},
+        }))?;
+        fn set<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        set(&mut s.data.format, self.format);
+        set(&mut s.data.train_on, self.train_on);
+        s.data.max_length = self.max_length.or(s.data.max_length);
+        set(&mut s.lora.rank, self.lora_rank);
+        set(&mut s.lora.alpha, self.lora_alpha);
+        s.lora.init_adapter = self.init_adapter;
+        set(&mut s.optimizer.learning_rate, self.learning_rate);
+        let sc = &mut s.schedule;
+        set(&mut sc.epochs, self.epochs);
+        sc.steps = self.steps.or(sc.steps);
+        set(&mut sc.batch_size, self.batch_size);
+        set(
+            &mut sc.gradient_accumulation_steps,
+            self.gradient_accumulation_steps,
+        );
+        set(&mut sc.warmup_steps, self.warmup_steps);
+        set(&mut sc.checkpoint_interval, self.checkpoint_interval);
+        set(&mut sc.eval_interval, self.eval_interval);
+        set(&mut sc.seed, self.seed);
+        if let Some(l) = self.lr_schedule {
+            sc.lr_schedule = serde_json::from_value(Value::String(l.clone())).map_err(|_| {
+                anyhow::anyhow!("--lr-schedule {l:?}: expected constant, linear or cosine")
+            })?;
+        }
+        s.check().map_err(anyhow::Error::msg)?;
+        Ok(s)
+    }
 }
 
 /// Prompts for `--preview`: each conversation up to its last assistant message.
@@ -107,9 +231,43 @@ fn local_file(what: &str, spec: &str) -> Result<PathBuf> {
 struct Progress {
     bar: ProgressBar,
     metrics: std::fs::File,
+    log: std::fs::File,
     last: Option<StepMetrics>,
     checkpoints: Vec<Checkpoint>,
     initial_eval: Option<f64>,
+}
+
+impl Progress {
+    /// One log entry, `{timestamp, level, message, data}`; `data.event` names the platform's
+    /// progress events (training_start, step_complete, eval_complete, checkpoint_saved,
+    /// training_error, training_end).
+    fn log(&mut self, level: &str, message: String, data: Value) {
+        let line =
+            json!({"timestamp": rfc3339(now()), "level": level, "message": message, "data": data});
+        if let Err(e) = writeln!(self.log, "{line}") {
+            tracing::warn!("writing the log: {e}");
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (days to civil date: Howard Hinnant's algorithm).
+fn rfc3339(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 impl Observer for Progress {
@@ -128,11 +286,19 @@ impl Observer for Progress {
             tracing::warn!("writing metrics: {e}");
         }
         self.last = Some(m.clone());
+        let data = json!({"event": "step_complete", "metrics": m});
+        self.log("info", format!("step {} loss {:.4}", m.step, m.loss), data);
+        if let Some(e) = m.eval_loss {
+            let data = json!({"event": "eval_complete", "step": m.step, "eval_loss": e});
+            self.log("info", format!("eval loss {e:.4} at step {}", m.step), data);
+        }
         Control::Continue
     }
 
     fn on_checkpoint(&mut self, c: &Checkpoint) {
         self.checkpoints.push(c.clone());
+        let data = json!({"event": "checkpoint_saved", "checkpoint": c});
+        self.log("info", format!("checkpoint at step {}", c.step), data);
     }
 
     fn on_initial_eval(&mut self, eval_loss: f64) {
@@ -172,12 +338,13 @@ fn lora_config(spec: &JobSpec) -> Result<LoraConfig> {
 
 /// Runs the job; on failure after the run directory exists, the record says why.
 pub fn run(a: Args) -> Result<()> {
-    let spec = JobSpec::from_file(&a.job)?;
+    let (spec, origin) = match (&a.job, a.flags) {
+        (Some(file), _) => (JobSpec::from_file(file)?, file.display().to_string()),
+        (None, Some(Flags::Sft(f))) => (f.spec()?, "flags".to_string()),
+        (None, None) => bail!("give a job file, or `whet train sft --model M --dataset D ...`"),
+    };
     if spec.shape != Shape::Sft {
-        bail!(
-            "{}: shape = \"rl\": RL jobs are not available yet",
-            a.job.display()
-        );
+        bail!("{origin}: shape = \"rl\": RL jobs are not available yet");
     }
     if let Some(c) = &spec.capability {
         bail!("capability {c:?}: this home has no capability registry yet; leave it out");
@@ -284,10 +451,22 @@ pub fn run(a: Args) -> Result<()> {
     let mut progress = Progress {
         bar,
         metrics: std::fs::File::create(dir.join("metrics.jsonl"))?,
+        log: std::fs::File::create(dir.join("log.jsonl"))?,
         last: None,
         checkpoints: vec![],
         initial_eval: None,
     };
+    progress.log(
+        "info",
+        format!(
+            "training {} on {} rows, {} steps",
+            spec.model,
+            examples.len(),
+            plan.total_steps()
+        ),
+        json!({"event": "training_start", "rows": examples.len(), "tokens": prepared.tokens,
+               "trained_tokens": prepared.trained_tokens, "steps": plan.total_steps()}),
+    );
     let result = whet_sft::train(
         &mut session,
         &examples,
@@ -302,6 +481,14 @@ pub fn run(a: Args) -> Result<()> {
         Ok(_) => ("completed", Value::Null),
         Err(e) => ("failed", Value::String(e.to_string())),
     };
+    match &result {
+        Ok(o) => progress.log(
+            "info",
+            format!("completed {} steps", o.steps),
+            json!({"event": "training_end", "steps": o.steps}),
+        ),
+        Err(e) => progress.log("error", e.to_string(), json!({"event": "training_error"})),
+    }
     let after = match tok {
         Some(t) if result.is_ok() && !prompts.is_empty() => answers(&mut session, t, &prompts)?,
         _ => vec![],
@@ -331,6 +518,7 @@ pub fn run(a: Args) -> Result<()> {
             "final_adapter": last.filter(|_| result.is_ok()).map(|c| c.adapter.clone()),
             "checkpoints": progress.checkpoints,
             "metrics": dir.join("metrics.jsonl").display().to_string(),
+            "logs": dir.join("log.jsonl").display().to_string(),
         },
         "error": error,
         "preview": preview,
@@ -373,4 +561,14 @@ fn write_record(dir: &Path, record: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(record)?;
     whet_lora::io::write_atomic(&dir.join("job.json"), text.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_795_996_800 + 3661), "2026-11-30T01:01:01Z");
+    }
 }

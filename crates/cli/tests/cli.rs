@@ -442,6 +442,23 @@ fn train_runs_an_sft_job_file_and_refuses_bad_input_before_any_compute() {
     ] {
         assert!(lines[0][key].is_number(), "{key} in {}", lines[0]);
     }
+    // The log: {timestamp, level, message, data} with the platform's progress events.
+    let log = std::fs::read_to_string(record["artifacts"]["logs"].as_str().unwrap()).unwrap();
+    let events: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .inspect(|e| {
+            assert!(
+                e["timestamp"].is_string() && e["level"].is_string() && e["message"].is_string()
+            )
+        })
+        .map(|e| e["data"]["event"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(events.first().map(String::as_str), Some("training_start"));
+    assert_eq!(events.last().map(String::as_str), Some("training_end"));
+    for e in ["step_complete", "eval_complete", "checkpoint_saved"] {
+        assert!(events.iter().any(|x| x == e), "{e} in {events:?}");
+    }
     // The adapter is a PEFT directory the sampler takes.
     ok(&[
         "sample",
@@ -454,6 +471,32 @@ fn train_runs_an_sft_job_file_and_refuses_bad_input_before_any_compute() {
         "--max-tokens",
         "2",
     ]);
+
+    // The same job as flags.
+    let out = ok(&[
+        "train",
+        "sft",
+        "--model",
+        s(&model),
+        "--dataset",
+        s(&rows),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "2",
+        "--lr-schedule",
+        "cosine",
+        "--home",
+        s(&home),
+        "--json",
+    ]);
+    let record: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["config"]["schedule"]["steps"], 1);
+    assert_eq!(record["config"]["schedule"]["lr_schedule"], "cosine");
+    assert_eq!(record["config"]["lora"]["rank"], 2);
 
     // Bad input: one clear error, and no run started.
     let runs = || std::fs::read_dir(home.join("runs")).unwrap().count();

@@ -175,7 +175,9 @@ impl JobSpec {
         Ok(spec)
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Checks what the types cannot: non-empty names, a positive rank and rate, a dropout in
+    /// [0, 1), `name@version` capability refs. Errors name the key.
+    pub fn check(&self) -> Result<(), String> {
         if self.name.trim().is_empty() {
             return Err("`name` is empty".into());
         }
