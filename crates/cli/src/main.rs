@@ -7,6 +7,7 @@ mod logprobs_cmd;
 mod model_cmd;
 mod sample_cmd;
 mod train_cmd;
+mod train_flags;
 
 use clap::{Parser, Subcommand};
 

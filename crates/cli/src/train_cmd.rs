@@ -16,6 +16,7 @@ use whet_lora::{LoraConfig, Target};
 use whet_sft::{Checkpoint, Control, Observer, Rendering, StepMetrics};
 
 use crate::common;
+use crate::train_flags::Flags;
 
 /// Arguments of `whet train`.
 #[derive(clap::Args)]
@@ -40,125 +41,6 @@ pub struct Args {
     /// Print the final job record as one JSON line.
     #[arg(long, global = true)]
     json: bool,
-}
-
-/// `whet train sft ...`: the job file's keys as flags.
-#[derive(clap::Subcommand)]
-enum Flags {
-    /// An SFT job from flags (the job file's keys; defaults as in a job file).
-    Sft(SftFlags),
-}
-
-/// The SFT job file as flags.
-#[derive(clap::Args)]
-struct SftFlags {
-    /// Base model: a Hugging Face directory, a .gguf file or a cached hub id.
-    #[arg(long)]
-    model: String,
-    /// Training rows (a file).
-    #[arg(long)]
-    dataset: String,
-    /// Eval rows (a file).
-    #[arg(long)]
-    eval_dataset: Option<String>,
-    /// A name for the run.
-    #[arg(long, default_value = "sft")]
-    name: String,
-    /// Capability `name@version`.
-    #[arg(long)]
-    capability: Option<String>,
-    /// Rows' kind: auto, chat, prompt_response, trajectories or datums.
-    #[arg(long)]
-    format: Option<whet_data::Format>,
-    /// all_assistant_messages, last_assistant_message or all_messages.
-    #[arg(long)]
-    train_on: Option<whet_data::TrainOn>,
-    /// Longest sequence in tokens (default: the model's context).
-    #[arg(long)]
-    max_length: Option<usize>,
-    /// LoRA rank.
-    #[arg(long)]
-    lora_rank: Option<usize>,
-    /// LoRA alpha.
-    #[arg(long)]
-    lora_alpha: Option<f64>,
-    /// A PEFT adapter to continue from.
-    #[arg(long)]
-    init_adapter: Option<PathBuf>,
-    /// Peak learning rate.
-    #[arg(long)]
-    learning_rate: Option<f64>,
-    /// Passes over the rows.
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// A cap on optimizer steps.
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Rows per optimizer step.
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Forward/backward passes per step.
-    #[arg(long)]
-    gradient_accumulation_steps: Option<usize>,
-    /// constant, linear or cosine.
-    #[arg(long)]
-    lr_schedule: Option<String>,
-    /// Linear warmup steps.
-    #[arg(long)]
-    warmup_steps: Option<usize>,
-    /// Checkpoint every N steps (0: at the end only).
-    #[arg(long)]
-    checkpoint_interval: Option<usize>,
-    /// Eval every N steps.
-    #[arg(long)]
-    eval_interval: Option<usize>,
-    /// Shuffling seed.
-    #[arg(long)]
-    seed: Option<u64>,
-}
-
-impl SftFlags {
-    /// The job these flags describe: a job file's defaults, overridden flag by flag.
-    fn spec(self) -> Result<JobSpec> {
-        let mut s: JobSpec = serde_json::from_value(json!({
-            "name": self.name,
-            "shape": "sft",
-            "model": self.model,
-            "capability": self.capability,
-            "data": {"dataset": self.dataset, "eval_dataset": self.eval_dataset},
-        }))?;
-        fn set<T>(slot: &mut T, v: Option<T>) {
-            if let Some(v) = v {
-                *slot = v;
-            }
-        }
-        set(&mut s.data.format, self.format);
-        set(&mut s.data.train_on, self.train_on);
-        s.data.max_length = self.max_length.or(s.data.max_length);
-        set(&mut s.lora.rank, self.lora_rank);
-        set(&mut s.lora.alpha, self.lora_alpha);
-        s.lora.init_adapter = self.init_adapter;
-        set(&mut s.optimizer.learning_rate, self.learning_rate);
-        let sc = &mut s.schedule;
-        set(&mut sc.epochs, self.epochs);
-        sc.steps = self.steps.or(sc.steps);
-        set(&mut sc.batch_size, self.batch_size);
-        set(
-            &mut sc.gradient_accumulation_steps,
-            self.gradient_accumulation_steps,
-        );
-        set(&mut sc.warmup_steps, self.warmup_steps);
-        set(&mut sc.checkpoint_interval, self.checkpoint_interval);
-        set(&mut sc.eval_interval, self.eval_interval);
-        set(&mut sc.seed, self.seed);
-        if let Some(l) = self.lr_schedule {
-            sc.lr_schedule = serde_json::from_value(Value::String(l.clone())).map_err(|_| {
-                anyhow::anyhow!("--lr-schedule {l:?}: expected constant, linear or cosine")
-            })?;
-        }
-        s.check().map_err(anyhow::Error::msg)?;
-        Ok(s)
-    }
 }
 
 /// Prompts for `--preview`: each conversation up to its last assistant message.
@@ -235,9 +117,19 @@ struct Progress {
     last: Option<StepMetrics>,
     checkpoints: Vec<Checkpoint>,
     initial_eval: Option<f64>,
+    /// The run's directory and its record, rewritten (atomically) at the start and after each
+    /// checkpoint: a run killed at any moment leaves a record naming its last good checkpoint.
+    dir: PathBuf,
+    record: Value,
 }
 
 impl Progress {
+    fn save(&self) {
+        if let Err(e) = write_record(&self.dir, &self.record) {
+            tracing::warn!("writing the job record: {e:#}");
+        }
+    }
+
     /// One log entry, `{timestamp, level, message, data}`; `data.event` names the platform's
     /// progress events (training_start, step_complete, eval_complete, checkpoint_saved,
     /// training_error, training_end).
@@ -297,6 +189,9 @@ impl Observer for Progress {
 
     fn on_checkpoint(&mut self, c: &Checkpoint) {
         self.checkpoints.push(c.clone());
+        self.record["artifacts"]["checkpoints"] = json!(self.checkpoints);
+        self.record["metrics"] = json!(self.last);
+        self.save();
         let data = json!({"event": "checkpoint_saved", "checkpoint": c});
         self.log("info", format!("checkpoint at step {}", c.step), data);
     }
@@ -455,7 +350,26 @@ pub fn run(a: Args) -> Result<()> {
         last: None,
         checkpoints: vec![],
         initial_eval: None,
+        record: json!({
+            "id": id,
+            "status": "running",
+            "name": spec.name,
+            "trainer_type": "sft",
+            "model": spec.model,
+            "precision": a.precision.to_string(),
+            "dataset_ref": dataset.display().to_string(),
+            "config": spec,
+            "data": prepared,
+            "artifacts": {
+                "checkpoints": [],
+                "metrics": dir.join("metrics.jsonl").display().to_string(),
+                "logs": dir.join("log.jsonl").display().to_string(),
+            },
+            "created_at": created,
+        }),
+        dir: dir.clone(),
     };
+    progress.save();
     progress.log(
         "info",
         format!(

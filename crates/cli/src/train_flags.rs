@@ -1,0 +1,127 @@
+//! `whet train sft ...`: an SFT job given as flags — the job file's keys, one flag each, over
+//! the job file's defaults.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde_json::{json, Value};
+use whet_jobs::JobSpec;
+
+/// `whet train sft ...`: the job file's keys as flags.
+#[derive(clap::Subcommand)]
+pub enum Flags {
+    /// An SFT job from flags (the job file's keys; defaults as in a job file).
+    Sft(SftFlags),
+}
+
+/// The SFT job file as flags.
+#[derive(clap::Args)]
+pub struct SftFlags {
+    /// Base model: a Hugging Face directory, a .gguf file or a cached hub id.
+    #[arg(long)]
+    model: String,
+    /// Training rows (a file).
+    #[arg(long)]
+    dataset: String,
+    /// Eval rows (a file).
+    #[arg(long)]
+    eval_dataset: Option<String>,
+    /// A name for the run.
+    #[arg(long, default_value = "sft")]
+    name: String,
+    /// Capability `name@version`.
+    #[arg(long)]
+    capability: Option<String>,
+    /// Rows' kind: auto, chat, prompt_response, trajectories or datums.
+    #[arg(long)]
+    format: Option<whet_data::Format>,
+    /// all_assistant_messages, last_assistant_message or all_messages.
+    #[arg(long)]
+    train_on: Option<whet_data::TrainOn>,
+    /// Longest sequence in tokens (default: the model's context).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// LoRA rank.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha.
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// A PEFT adapter to continue from.
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    /// Peak learning rate.
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Passes over the rows.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// A cap on optimizer steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Rows per optimizer step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Forward/backward passes per step.
+    #[arg(long)]
+    gradient_accumulation_steps: Option<usize>,
+    /// constant, linear or cosine.
+    #[arg(long)]
+    lr_schedule: Option<String>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long)]
+    checkpoint_interval: Option<usize>,
+    /// Eval every N steps.
+    #[arg(long)]
+    eval_interval: Option<usize>,
+    /// Shuffling seed.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SftFlags {
+    /// The job these flags describe: a job file's defaults, overridden flag by flag.
+    pub fn spec(self) -> Result<JobSpec> {
+        let mut s: JobSpec = serde_json::from_value(json!({
+            "name": self.name,
+            "shape": "sft",
+            "model": self.model,
+            "capability": self.capability,
+            "data": {"dataset": self.dataset, "eval_dataset": self.eval_dataset},
+        }))?;
+        fn set<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        set(&mut s.data.format, self.format);
+        set(&mut s.data.train_on, self.train_on);
+        s.data.max_length = self.max_length.or(s.data.max_length);
+        set(&mut s.lora.rank, self.lora_rank);
+        set(&mut s.lora.alpha, self.lora_alpha);
+        s.lora.init_adapter = self.init_adapter;
+        set(&mut s.optimizer.learning_rate, self.learning_rate);
+        let sc = &mut s.schedule;
+        set(&mut sc.epochs, self.epochs);
+        sc.steps = self.steps.or(sc.steps);
+        set(&mut sc.batch_size, self.batch_size);
+        set(
+            &mut sc.gradient_accumulation_steps,
+            self.gradient_accumulation_steps,
+        );
+        set(&mut sc.warmup_steps, self.warmup_steps);
+        set(&mut sc.checkpoint_interval, self.checkpoint_interval);
+        set(&mut sc.eval_interval, self.eval_interval);
+        set(&mut sc.seed, self.seed);
+        if let Some(l) = self.lr_schedule {
+            sc.lr_schedule = serde_json::from_value(Value::String(l.clone())).map_err(|_| {
+                anyhow::anyhow!("--lr-schedule {l:?}: expected constant, linear or cosine")
+            })?;
+        }
+        s.check().map_err(anyhow::Error::msg)?;
+        Ok(s)
+    }
+}
