@@ -5,6 +5,7 @@ mod common;
 mod data_cmd;
 mod logprobs_cmd;
 mod model_cmd;
+mod run_dir;
 mod sample_cmd;
 mod train_cmd;
 mod train_flags;

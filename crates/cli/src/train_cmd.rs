@@ -2,20 +2,19 @@
 //! compute, a progress bar with loss, tokens/s and ETA, metrics as JSON lines, checkpoints and
 //! the final adapter in the run's directory under the home, and the job record at the end.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use whet_data::Scaffold;
 use whet_engine::{Precision, TrainingSession};
 use whet_jobs::{JobSpec, Shape};
 use whet_lora::{LoraConfig, Target};
-use whet_sft::{Checkpoint, Control, Observer, Rendering, StepMetrics};
+use whet_sft::{Checkpoint, Rendering};
 
 use crate::common;
+use crate::run_dir::{write_record, Progress};
 use crate::train_flags::Flags;
 
 /// Arguments of `whet train`.
@@ -23,8 +22,12 @@ use crate::train_flags::Flags;
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
     /// The job file (TOML): name, shape, model, [data], [lora], [optimizer], [schedule].
-    #[arg(required = true)]
+    #[arg(required_unless_present = "resume")]
     job: Option<PathBuf>,
+    /// Resume the run with this id from its last checkpoint (bitwise the run it would have
+    /// been): after a crash, a kill or Ctrl-C.
+    #[arg(long, conflicts_with = "job")]
+    resume: Option<String>,
     /// The job as flags instead of a file.
     #[command(subcommand)]
     flags: Option<Flags>,
@@ -90,7 +93,8 @@ fn home(arg: Option<PathBuf>) -> Result<PathBuf> {
     Ok(PathBuf::from(user).join(".whet"))
 }
 
-fn now() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -107,104 +111,6 @@ fn local_file(what: &str, spec: &str) -> Result<PathBuf> {
         bail!("{what} {spec:?}: this home has no dataset registry yet; name the file instead");
     }
     bail!("{what} {spec:?}: no such file")
-}
-
-/// Progress and metrics of the running job.
-struct Progress {
-    bar: ProgressBar,
-    metrics: std::fs::File,
-    log: std::fs::File,
-    last: Option<StepMetrics>,
-    checkpoints: Vec<Checkpoint>,
-    initial_eval: Option<f64>,
-    /// The run's directory and its record, rewritten (atomically) at the start and after each
-    /// checkpoint: a run killed at any moment leaves a record naming its last good checkpoint.
-    dir: PathBuf,
-    record: Value,
-}
-
-impl Progress {
-    fn save(&self) {
-        if let Err(e) = write_record(&self.dir, &self.record) {
-            tracing::warn!("writing the job record: {e:#}");
-        }
-    }
-
-    /// One log entry, `{timestamp, level, message, data}`; `data.event` names the platform's
-    /// progress events (training_start, step_complete, eval_complete, checkpoint_saved,
-    /// training_error, training_end).
-    fn log(&mut self, level: &str, message: String, data: Value) {
-        let line =
-            json!({"timestamp": rfc3339(now()), "level": level, "message": message, "data": data});
-        if let Err(e) = writeln!(self.log, "{line}") {
-            tracing::warn!("writing the log: {e}");
-        }
-    }
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (days to civil date: Howard Hinnant's algorithm).
-fn rfc3339(secs: u64) -> String {
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-impl Observer for Progress {
-    fn on_step(&mut self, m: &StepMetrics) -> Control {
-        self.bar.set_position(m.step as u64);
-        let eval = m
-            .eval_loss
-            .map(|e| format!("  eval {e:.4}"))
-            .unwrap_or_default();
-        self.bar.set_message(format!(
-            "loss {:.4}{eval}  {:.0} tok/s",
-            m.loss, m.tokens_per_second
-        ));
-        let line = serde_json::to_string(m).unwrap_or_default();
-        if let Err(e) = writeln!(self.metrics, "{line}") {
-            tracing::warn!("writing metrics: {e}");
-        }
-        self.last = Some(m.clone());
-        let data = json!({"event": "step_complete", "metrics": m});
-        self.log("info", format!("step {} loss {:.4}", m.step, m.loss), data);
-        if let Some(e) = m.eval_loss {
-            let data = json!({"event": "eval_complete", "step": m.step, "eval_loss": e});
-            self.log("info", format!("eval loss {e:.4} at step {}", m.step), data);
-        }
-        Control::Continue
-    }
-
-    fn on_checkpoint(&mut self, c: &Checkpoint) {
-        self.checkpoints.push(c.clone());
-        self.record["artifacts"]["checkpoints"] = json!(self.checkpoints);
-        self.record["metrics"] = json!(self.last);
-        self.save();
-        let data = json!({"event": "checkpoint_saved", "checkpoint": c});
-        self.log("info", format!("checkpoint at step {}", c.step), data);
-    }
-
-    fn on_initial_eval(&mut self, eval_loss: f64) {
-        self.initial_eval = Some(eval_loss);
-        self.bar
-            .set_message(format!("eval {eval_loss:.4} before training"));
-        let line = json!({"step": 0, "eval_loss": eval_loss});
-        if let Err(e) = writeln!(self.metrics, "{line}") {
-            tracing::warn!("writing metrics: {e}");
-        }
-    }
 }
 
 fn lora_config(spec: &JobSpec) -> Result<LoraConfig> {
@@ -231,13 +137,22 @@ fn lora_config(spec: &JobSpec) -> Result<LoraConfig> {
     })
 }
 
-/// Runs the job; on failure after the run directory exists, the record says why.
-pub fn run(a: Args) -> Result<()> {
-    let (spec, origin) = match (&a.job, a.flags) {
-        (Some(file), _) => (JobSpec::from_file(file)?, file.display().to_string()),
-        (None, Some(Flags::Sft(f))) => (f.spec()?, "flags".to_string()),
-        (None, None) => bail!("give a job file, or `whet train sft --model M --dataset D ...`"),
-    };
+/// Everything a run needs, checked and loaded before any compute.
+struct Prepared {
+    spec: JobSpec,
+    dataset: PathBuf,
+    rows: Vec<(usize, whet_data::Row)>,
+    eval_rows: Vec<(usize, whet_data::Row)>,
+    examples: Vec<whet_sft::Example>,
+    eval: Vec<whet_sft::Example>,
+    report: whet_sft::Prepared,
+    plan: whet_sft::Plan,
+    loaded: common::Loaded,
+    /// sha256 of the dataset files, so a resumed run refuses data that changed.
+    data_sha256: Value,
+}
+
+fn prepare(spec: JobSpec, origin: &str, precision: Precision) -> Result<Prepared> {
     if spec.shape != Shape::Sft {
         bail!("{origin}: shape = \"rl\": RL jobs are not available yet");
     }
@@ -250,18 +165,23 @@ pub fn run(a: Args) -> Result<()> {
         Some(e) => Some(local_file("data.eval_dataset", e)?),
         None => None,
     };
-    let lora = lora_config(&spec)?;
+    lora_config(&spec)?;
     let rows = whet_data::read_rows(&dataset, spec.data.format)?;
     let eval_rows = match &eval_file {
         Some(f) => whet_data::read_rows(f, spec.data.format)?,
         None => vec![],
     };
+    let sha = |p: &Path| -> Result<String> { Ok(whet_lora::io::sha256_file(p)?) };
+    let data_sha256 = json!({
+        "dataset": sha(&dataset)?,
+        "eval_dataset": eval_file.as_deref().map(sha).transpose()?,
+    });
     // Conversations need the tokenizer; datums alone do not.
     let chats = rows
         .iter()
         .chain(&eval_rows)
         .any(|(_, r)| matches!(r, whet_data::Row::Chat(_)));
-    let loaded = common::load(&spec.model, a.precision, chats)?;
+    let loaded = common::load(&spec.model, precision, chats)?;
     let tok = loaded.tokenizer.as_deref();
     let rendering = Rendering {
         scaffold: Scaffold::default(),
@@ -272,19 +192,62 @@ pub fn run(a: Args) -> Result<()> {
             .unwrap_or(loaded.model.config.max_position_embeddings),
         overflow: spec.data.overflow,
     };
-    let (examples, prepared) = whet_sft::prepare(&rows, &dataset, tok, &rendering)?;
+    let (examples, report) = whet_sft::prepare(&rows, &dataset, tok, &rendering)?;
     let eval = match &eval_file {
         Some(f) => whet_sft::prepare(&eval_rows, f, tok, &rendering)?.0,
         None => vec![],
     };
     let plan = whet_sft::Plan::new(examples.len(), &spec.schedule)?;
-    let adapter = match &spec.lora.init_adapter {
-        Some(dir) => Some(common::load_adapter(&loaded, dir)?),
-        None => None,
-    };
+    Ok(Prepared {
+        spec,
+        dataset,
+        rows,
+        eval_rows,
+        examples,
+        eval,
+        report,
+        plan,
+        loaded,
+        data_sha256,
+    })
+}
 
+/// A fresh session: the job's new LoRA, or its `init_adapter`.
+fn new_session(p: &Prepared, ckpt: &Path) -> Result<TrainingSession> {
+    let loaded = &p.loaded;
+    Ok(match &p.spec.lora.init_adapter {
+        Some(dir) => TrainingSession::with_adapter(
+            loaded.model.clone(),
+            &p.spec.model,
+            common::load_adapter(loaded, dir)?,
+            ckpt,
+            common::sampler_options(loaded),
+        ),
+        None => TrainingSession::new(
+            loaded.model.clone(),
+            &p.spec.model,
+            lora_config(&p.spec)?,
+            ckpt,
+            common::sampler_options(loaded),
+        )?,
+    })
+}
+
+/// Runs the job; on failure after the run directory exists, the record says why.
+pub fn run(a: Args) -> Result<()> {
+    let home = home(a.home.clone())?;
+    if let Some(id) = &a.resume {
+        return resume(&a, &home, id);
+    }
+    let (spec, origin) = match (&a.job, &a.flags) {
+        (Some(file), _) => (JobSpec::from_file(file)?, file.display().to_string()),
+        (None, Some(Flags::Sft(f))) => (f.clone().spec()?, "flags".to_string()),
+        (None, None) => bail!("give a job file, or `whet train sft --model M --dataset D ...`"),
+    };
+    let p = prepare(spec, &origin, a.precision)?;
     let created = now();
-    let slug: String = spec
+    let slug: String = p
+        .spec
         .name
         .chars()
         .map(|c| {
@@ -296,115 +259,167 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect();
     let id = format!("{slug}-{created:x}");
-    let dir = home(a.home)?.join("runs").join(&id);
+    let dir = home.join("runs").join(&id);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ckpt = dir.join("checkpoints");
-    let mut session = match adapter {
-        Some(ad) => TrainingSession::with_adapter(
-            loaded.model.clone(),
-            &spec.model,
-            ad,
-            &ckpt,
-            common::sampler_options(&loaded),
+    let mut session = new_session(&p, &dir.join("checkpoints"))?;
+    let record = json!({
+        "id": id,
+        "status": "running",
+        "name": p.spec.name,
+        "trainer_type": "sft",
+        "model": p.spec.model,
+        "precision": a.precision.to_string(),
+        "dataset_ref": p.dataset.display().to_string(),
+        "data_sha256": p.data_sha256,
+        "config": p.spec,
+        "data": p.report,
+        "artifacts": {
+            "checkpoints": [],
+            "metrics": dir.join("metrics.jsonl").display().to_string(),
+            "logs": dir.join("log.jsonl").display().to_string(),
+        },
+        "created_at": created,
+    });
+    let progress = Progress::open(&dir, record, p.plan.total_steps(), false)?;
+    execute(&a, &p, &mut session, progress, 0, vec![])
+}
+
+/// Continues run `id` from the last checkpoint its record names.
+fn resume(a: &Args, home: &Path, id: &str) -> Result<()> {
+    let dir = home.join("runs").join(id);
+    let path = dir.join("job.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("run {id}: reading {}", path.display()))?;
+    let mut record: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    match record["status"].as_str() {
+        Some("running" | "failed" | "cancelled") => {}
+        other => bail!(
+            "run {id} is {}: nothing to resume",
+            other.unwrap_or("unknown")
         ),
-        None => TrainingSession::new(
-            loaded.model.clone(),
-            &spec.model,
-            lora,
-            &ckpt,
-            common::sampler_options(&loaded),
-        )?,
+    }
+    let spec: JobSpec = serde_json::from_value(record["config"].clone())
+        .with_context(|| format!("{}: config", path.display()))?;
+    let precision: Precision = record["precision"].as_str().unwrap_or("f32").parse()?;
+    let p = prepare(spec, &path.display().to_string(), precision)?;
+    if p.data_sha256 != record["data_sha256"] {
+        bail!("run {id}: the dataset files changed since the run started; resuming would not be the same run");
+    }
+    let checkpoints: Vec<Checkpoint> = record["artifacts"]["checkpoints"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| {
+                    Some(Checkpoint {
+                        step: c["step"].as_u64()? as usize,
+                        state: c["state"].as_str()?.to_string(),
+                        adapter: c["adapter"].as_str()?.to_string(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut session = new_session(&p, &dir.join("checkpoints"))?;
+    let start = match checkpoints.last() {
+        Some(c) => {
+            use whet_contract::TrainingClient;
+            session
+                .load_state_with_optimizer(&c.state)
+                .with_context(|| format!("run {id}: loading checkpoint {}", c.state))?;
+            c.step
+        }
+        None => 0,
     };
-    tracing::info!(
-        "{id}: {} rows ({} tokens, {} trained; {} truncated, {} dropped), {} steps",
-        examples.len(),
-        prepared.tokens,
-        prepared.trained_tokens,
-        prepared.truncated.len(),
-        prepared.dropped.len(),
-        plan.total_steps()
+    // Metrics past the checkpoint are redone: keep the rows up to it.
+    let metrics_path = dir.join("metrics.jsonl");
+    let kept: String = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|m| m["step"].as_u64())
+                .is_some_and(|s| (s as usize) <= start)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    whet_lora::io::write_atomic(&metrics_path, kept.as_bytes())?;
+    record["status"] = json!("running");
+    record["error"] = Value::Null;
+    let mut progress = Progress::open(&dir, record, p.plan.total_steps(), true)?;
+    progress.bar.set_position(start as u64);
+    progress.log(
+        "info",
+        format!("resumed at step {start}"),
+        json!({"event": "training_start", "resumed_from_step": start}),
     );
-    let bar = ProgressBar::new(plan.total_steps() as u64).with_style(
-        ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    execute(a, &p, &mut session, progress, start, checkpoints)
+}
+
+/// Trains from `start` to the end and writes the final record.
+fn execute(
+    a: &Args,
+    p: &Prepared,
+    session: &mut TrainingSession,
+    mut progress: Progress,
+    start: usize,
+    checkpoints: Vec<Checkpoint>,
+) -> Result<()> {
+    let tok = p.loaded.tokenizer.as_deref();
     let prompts = match tok {
         Some(_) if a.preview > 0 => preview_prompts(
-            if eval_rows.is_empty() {
-                &rows
+            if p.eval_rows.is_empty() {
+                &p.rows
             } else {
-                &eval_rows
+                &p.eval_rows
             },
             a.preview,
         ),
         _ => vec![],
     };
     let before = match tok {
-        Some(t) if !prompts.is_empty() => answers(&mut session, t, &prompts)?,
+        Some(t) if !prompts.is_empty() => answers(session, t, &prompts)?,
         _ => vec![],
     };
-    let mut progress = Progress {
-        bar,
-        metrics: std::fs::File::create(dir.join("metrics.jsonl"))?,
-        log: std::fs::File::create(dir.join("log.jsonl"))?,
-        last: None,
-        checkpoints: vec![],
-        initial_eval: None,
-        record: json!({
-            "id": id,
-            "status": "running",
-            "name": spec.name,
-            "trainer_type": "sft",
-            "model": spec.model,
-            "precision": a.precision.to_string(),
-            "dataset_ref": dataset.display().to_string(),
-            "config": spec,
-            "data": prepared,
-            "artifacts": {
-                "checkpoints": [],
-                "metrics": dir.join("metrics.jsonl").display().to_string(),
-                "logs": dir.join("log.jsonl").display().to_string(),
-            },
-            "created_at": created,
-        }),
-        dir: dir.clone(),
-    };
+    progress.checkpoints = checkpoints;
     progress.save();
-    progress.log(
-        "info",
-        format!(
-            "training {} on {} rows, {} steps",
-            spec.model,
-            examples.len(),
-            plan.total_steps()
-        ),
-        json!({"event": "training_start", "rows": examples.len(), "tokens": prepared.tokens,
-               "trained_tokens": prepared.trained_tokens, "steps": plan.total_steps()}),
-    );
+    if start == 0 {
+        progress.log(
+            "info",
+            format!(
+                "training {} on {} rows, {} steps",
+                p.spec.model,
+                p.examples.len(),
+                p.plan.total_steps()
+            ),
+            json!({"event": "training_start", "rows": p.examples.len(), "tokens": p.report.tokens,
+                   "trained_tokens": p.report.trained_tokens, "steps": p.plan.total_steps()}),
+        );
+    }
     let result = whet_sft::train(
-        &mut session,
-        &examples,
-        &eval,
-        &spec.optimizer,
-        &spec.schedule,
-        0,
+        session,
+        &p.examples,
+        &p.eval,
+        &p.spec.optimizer,
+        &p.spec.schedule,
+        start,
         &mut progress,
     );
     progress.bar.finish_and_clear();
-    let (status, error) = match &result {
-        Ok(_) => ("completed", Value::Null),
-        Err(e) => ("failed", Value::String(e.to_string())),
+    let error = match &result {
+        Ok(o) => {
+            let data = json!({"event": "training_end", "steps": o.steps});
+            progress.log("info", format!("completed {} steps", o.steps), data);
+            Value::Null
+        }
+        Err(e) => {
+            progress.log("error", e.to_string(), json!({"event": "training_error"}));
+            Value::String(e.to_string())
+        }
     };
-    match &result {
-        Ok(o) => progress.log(
-            "info",
-            format!("completed {} steps", o.steps),
-            json!({"event": "training_end", "steps": o.steps}),
-        ),
-        Err(e) => progress.log("error", e.to_string(), json!({"event": "training_error"})),
-    }
     let after = match tok {
-        Some(t) if result.is_ok() && !prompts.is_empty() => answers(&mut session, t, &prompts)?,
+        Some(t) if result.is_ok() && !prompts.is_empty() => answers(session, t, &prompts)?,
         _ => vec![],
     };
     let preview: Vec<Value> = prompts
@@ -415,31 +430,28 @@ pub fn run(a: Args) -> Result<()> {
             json!({"prompt": question, "before": b, "after": a})
         })
         .collect();
-    let last = progress.checkpoints.last();
-    let record = json!({
-        "id": id,
-        "status": status,
-        "name": spec.name,
-        "trainer_type": "sft",
-        "model": spec.model,
-        "precision": a.precision.to_string(),
-        "dataset_ref": dataset.display().to_string(),
-        "config": spec,
-        "data": prepared,
-        "metrics": progress.last,
-        "initial_eval_loss": progress.initial_eval,
-        "artifacts": {
-            "final_adapter": last.filter(|_| result.is_ok()).map(|c| c.adapter.clone()),
-            "checkpoints": progress.checkpoints,
-            "metrics": dir.join("metrics.jsonl").display().to_string(),
-            "logs": dir.join("log.jsonl").display().to_string(),
-        },
-        "error": error,
-        "preview": preview,
-        "created_at": created,
-        "completed_at": now(),
+    let final_adapter = progress
+        .checkpoints
+        .last()
+        .filter(|_| result.is_ok())
+        .map(|c| c.adapter.clone());
+    let r = &mut progress.record;
+    r["status"] = json!(if result.is_ok() {
+        "completed"
+    } else {
+        "failed"
     });
-    write_record(&dir, &record)?;
+    r["metrics"] = json!(progress.last);
+    if progress.initial_eval.is_some() {
+        r["initial_eval_loss"] = json!(progress.initial_eval);
+    }
+    r["artifacts"]["checkpoints"] = json!(progress.checkpoints);
+    r["artifacts"]["final_adapter"] = json!(final_adapter);
+    r["error"] = error;
+    r["preview"] = json!(preview);
+    r["completed_at"] = json!(now());
+    let record = r.clone();
+    write_record(&progress.dir, &record)?;
     result?;
     if a.json {
         println!("{record}");
@@ -456,33 +468,21 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
         let m = &record["metrics"];
-        let eval = match (progress.initial_eval, m["eval_loss"].as_f64()) {
+        let eval = match (
+            record["initial_eval_loss"].as_f64(),
+            m["eval_loss"].as_f64(),
+        ) {
             (Some(a), Some(b)) => format!(", eval loss {a:.4} → {b:.4}"),
             (None, Some(b)) => format!(", eval loss {b:.4}"),
             _ => String::new(),
         };
         println!(
-            "{id}: completed {} steps, loss {:.4}{eval}; adapter {}",
+            "{}: completed {} steps, loss {:.4}{eval}; adapter {}",
+            record["id"].as_str().unwrap_or_default(),
             m["step"],
             m["loss"].as_f64().unwrap_or(f64::NAN),
             record["artifacts"]["final_adapter"].as_str().unwrap_or("-")
         );
     }
     Ok(())
-}
-
-fn write_record(dir: &Path, record: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(record)?;
-    whet_lora::io::write_atomic(&dir.join("job.json"), text.as_bytes())?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(super::rfc3339(1_795_996_800 + 3661), "2026-11-30T01:01:01Z");
-    }
 }

@@ -8,14 +8,14 @@ use serde_json::{json, Value};
 use whet_jobs::JobSpec;
 
 /// `whet train sft ...`: the job file's keys as flags.
-#[derive(clap::Subcommand)]
+#[derive(Clone, clap::Subcommand)]
 pub enum Flags {
     /// An SFT job from flags (the job file's keys; defaults as in a job file).
     Sft(SftFlags),
 }
 
 /// The SFT job file as flags.
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct SftFlags {
     /// Base model: a Hugging Face directory, a .gguf file or a cached hub id.
     #[arg(long)]

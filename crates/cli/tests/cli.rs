@@ -516,3 +516,114 @@ fn train_runs_an_sft_job_file_and_refuses_bad_input_before_any_compute() {
     assert!(e.contains("support@1.0.0"), "{e}");
     assert_eq!(runs(), before);
 }
+
+/// A run killed with SIGKILL at several points resumes (`whet train --resume ID`) from the last
+/// checkpoint its record names and ends with the adapter, byte for byte, of a run never stopped
+/// (data order, schedule, AdamW moments and LoRA dropout masks all restored).
+#[test]
+fn a_run_killed_at_any_point_resumes_to_the_same_adapter_bitwise() {
+    let Some(model) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = tmp.path().join("rows.jsonl");
+    let mut text = String::new();
+    for (q, a) in [
+        ("Capital of France?", "Paris."),
+        ("Capital of Italy?", "Rome."),
+        ("2+2?", "4"),
+        ("Color of the sky?", "Blue."),
+        ("Opposite of hot?", "Cold."),
+        ("Capital of Spain?", "Madrid."),
+    ] {
+        text.push_str(&format!("{{\"prompt\": {q:?}, \"answer\": {a:?}}}\n"));
+    }
+    std::fs::write(&rows, text).unwrap();
+    let job = tmp.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"kill\"\nshape = \"sft\"\nmodel = {:?}\n[data]\ndataset = \"rows.jsonl\"\n\
+             [lora]\nrank = 4\ndropout = 0.1\n[optimizer]\nlearning_rate = 1e-3\n\
+             [schedule]\nepochs = 2\nbatch_size = 2\ncheckpoint_interval = 1\n",
+            s(&model)
+        ),
+    )
+    .unwrap();
+    let adapter_bytes = |record: &Value| {
+        let dir = PathBuf::from(record["artifacts"]["final_adapter"].as_str().unwrap());
+        std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+    };
+    let straight: Value = serde_json::from_str(
+        ok(&[
+            "train",
+            s(&job),
+            "--home",
+            s(&tmp.path().join("straight")),
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    let want = adapter_bytes(&straight);
+    for kill_after in [1usize, 4] {
+        let home = tmp.path().join(format!("killed-{kill_after}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
+            .args(["train", s(&job), "--home", s(&home)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let id = loop {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before the kill"
+            );
+            assert!(
+                started.elapsed().as_secs() < 600,
+                "no checkpoint after 10 minutes"
+            );
+            let named = std::fs::read_dir(home.join("runs")).ok().and_then(|mut d| {
+                let dir = d.next()?.ok()?.path();
+                let record: Value =
+                    serde_json::from_str(&std::fs::read_to_string(dir.join("job.json")).ok()?)
+                        .ok()?;
+                let n = record["artifacts"]["checkpoints"].as_array()?.len();
+                (n >= kill_after).then(|| dir.file_name().unwrap().to_string_lossy().to_string())
+            });
+            if let Some(id) = named {
+                break id;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let resumed: Value = serde_json::from_str(
+            ok(&["train", "--resume", &id, "--home", s(&home), "--json"]).trim(),
+        )
+        .unwrap();
+        assert_eq!(resumed["status"], "completed");
+        assert_eq!(resumed["metrics"]["step"], 6);
+        assert!(
+            adapter_bytes(&resumed) == want,
+            "killed after {kill_after} checkpoints: the adapter differs"
+        );
+        let metrics =
+            std::fs::read_to_string(home.join("runs").join(&id).join("metrics.jsonl")).unwrap();
+        let steps: Vec<u64> = metrics
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            (1..=6).collect::<Vec<_>>(),
+            "one metrics row per step"
+        );
+        // A completed run has nothing to resume.
+        let e = fails(&["train", "--resume", &id, "--home", s(&home)]);
+        assert!(e.contains("completed"), "{e}");
+    }
+}
