@@ -535,27 +535,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Result<T
 mod tests {
     use super::*;
     use crate::ops;
+    use crate::test_util::{close, var};
     use candle_core::{Device, Var};
-
-    fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
-        let (a, b) = (values(a).unwrap(), values(b).unwrap());
-        assert_eq!(a.len(), b.len(), "{what}");
-        let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-        let d = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(d <= tol * scale, "{what}: max diff {d} (scale {scale})");
-    }
-
-    fn var(shape: &[usize], seed: u64) -> Var {
-        let dev = Device::Cpu;
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
-            .collect();
-        Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
-    }
 
     /// Value and gradient of `f` (fused) and `g` (composite) w.r.t. the vars agree.
     fn check(vars: &[&Var], f: &dyn Fn() -> Tensor, g: &dyn Fn() -> Tensor, what: &str) {

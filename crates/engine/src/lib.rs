@@ -23,6 +23,8 @@ pub mod model;
 pub mod ops;
 pub mod sampler;
 pub mod session;
+#[cfg(test)]
+mod test_util;
 
 use std::path::Path;
 use std::sync::Arc;

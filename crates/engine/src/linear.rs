@@ -278,26 +278,8 @@ pub fn linear(
 mod tests {
     use super::*;
     use crate::bf16::{from_bf16, to_bf16};
+    use crate::test_util::{close, var};
     use candle_core::{Device, Var};
-
-    fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
-        let (a, b) = (values(a).unwrap(), values(b).unwrap());
-        assert_eq!(a.len(), b.len(), "{what}");
-        let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-        let d = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(d <= tol * scale, "{what}: max diff {d} (scale {scale})");
-    }
-
-    fn var(shape: &[usize], seed: u64) -> Var {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
-            .collect();
-        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-    }
 
     fn round_bf16(t: &Tensor) -> Tensor {
         let v: Vec<f32> = values(t)
