@@ -12,6 +12,24 @@ use whet_sft::{Checkpoint, Control, Observer, StepMetrics};
 
 use crate::train_cmd::now;
 
+/// Set by the first Ctrl-C: the run stops after the step in progress and keeps its last
+/// checkpoint; a second Ctrl-C exits at once.
+pub static CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Routes Ctrl-C (SIGINT) and SIGTERM to [`CANCEL`].
+pub fn catch_interrupts() {
+    use std::sync::atomic::Ordering;
+    let installed = ctrlc::set_handler(|| {
+        if CANCEL.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ncancelling after this step (Ctrl-C again to quit now)");
+    });
+    if let Err(e) = installed {
+        tracing::warn!("Ctrl-C will not cancel cleanly: {e}");
+    }
+}
+
 /// Progress and metrics of the running job.
 pub struct Progress {
     /// The terminal's progress bar (loss, eval loss, tokens/s, ETA).
@@ -121,7 +139,11 @@ impl Observer for Progress {
             let data = json!({"event": "eval_complete", "step": m.step, "eval_loss": e});
             self.log("info", format!("eval loss {e:.4} at step {}", m.step), data);
         }
-        Control::Continue
+        if CANCEL.load(std::sync::atomic::Ordering::SeqCst) {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
     }
 
     fn on_checkpoint(&mut self, c: &Checkpoint) {

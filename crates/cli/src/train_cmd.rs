@@ -397,6 +397,7 @@ fn execute(
                    "trained_tokens": p.report.trained_tokens, "steps": p.plan.total_steps()}),
         );
     }
+    crate::run_dir::catch_interrupts();
     let result = whet_sft::train(
         session,
         &p.examples,
@@ -407,7 +408,13 @@ fn execute(
         &mut progress,
     );
     progress.bar.finish_and_clear();
+    let cancelled = result.as_ref().is_ok_and(|o| o.stopped);
     let error = match &result {
+        Ok(o) if o.stopped => {
+            let data = json!({"event": "training_end", "steps": o.steps, "cancelled": true});
+            progress.log("warn", format!("cancelled after step {}", o.steps), data);
+            Value::Null
+        }
         Ok(o) => {
             let data = json!({"event": "training_end", "steps": o.steps});
             progress.log("info", format!("completed {} steps", o.steps), data);
@@ -419,7 +426,9 @@ fn execute(
         }
     };
     let after = match tok {
-        Some(t) if result.is_ok() && !prompts.is_empty() => answers(session, t, &prompts)?,
+        Some(t) if result.is_ok() && !cancelled && !prompts.is_empty() => {
+            answers(session, t, &prompts)?
+        }
         _ => vec![],
     };
     let preview: Vec<Value> = prompts
@@ -433,13 +442,13 @@ fn execute(
     let final_adapter = progress
         .checkpoints
         .last()
-        .filter(|_| result.is_ok())
+        .filter(|_| result.is_ok() && !cancelled)
         .map(|c| c.adapter.clone());
     let r = &mut progress.record;
-    r["status"] = json!(if result.is_ok() {
-        "completed"
-    } else {
-        "failed"
+    r["status"] = json!(match &result {
+        Ok(_) if cancelled => "cancelled",
+        Ok(_) => "completed",
+        Err(_) => "failed",
     });
     r["metrics"] = json!(progress.last);
     if progress.initial_eval.is_some() {
@@ -452,7 +461,15 @@ fn execute(
     r["completed_at"] = json!(now());
     let record = r.clone();
     write_record(&progress.dir, &record)?;
-    result?;
+    let outcome = result?;
+    if cancelled {
+        bail!(
+            "{}: cancelled after step {}; its last checkpoint is kept: `whet train --resume {}`",
+            record["id"].as_str().unwrap_or_default(),
+            outcome.steps,
+            record["id"].as_str().unwrap_or_default()
+        );
+    }
     if a.json {
         println!("{record}");
     } else {

@@ -564,8 +564,9 @@ fn a_run_killed_at_any_point_resumes_to_the_same_adapter_bitwise() {
     )
     .unwrap();
     let want = adapter_bytes(&straight);
-    for kill_after in [1usize, 4] {
-        let home = tmp.path().join(format!("killed-{kill_after}"));
+    // SIGKILL at two points; SIGINT (Ctrl-C) cancels cleanly after the step in progress.
+    for (signal, kill_after) in [("KILL", 1usize), ("KILL", 4), ("INT", 2)] {
+        let home = tmp.path().join(format!("killed-{signal}-{kill_after}"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
             .args(["train", s(&job), "--home", s(&home)])
             .stdout(std::process::Stdio::null())
@@ -595,8 +596,27 @@ fn a_run_killed_at_any_point_resumes_to_the_same_adapter_bitwise() {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         };
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        if signal == "KILL" {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        } else {
+            let pid = child.id().to_string();
+            assert!(Command::new("kill")
+                .args(["-s", signal, &pid])
+                .status()
+                .unwrap()
+                .success());
+            assert!(
+                !child.wait().unwrap().success(),
+                "a cancelled run exits non-zero"
+            );
+            let record: Value = serde_json::from_str(
+                &std::fs::read_to_string(home.join("runs").join(&id).join("job.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(record["status"], "cancelled");
+            assert!(record["artifacts"]["final_adapter"].is_null());
+        }
         let resumed: Value = serde_json::from_str(
             ok(&["train", "--resume", &id, "--home", s(&home), "--json"]).trim(),
         )
@@ -605,7 +625,7 @@ fn a_run_killed_at_any_point_resumes_to_the_same_adapter_bitwise() {
         assert_eq!(resumed["metrics"]["step"], 6);
         assert!(
             adapter_bytes(&resumed) == want,
-            "killed after {kill_after} checkpoints: the adapter differs"
+            "SIG{signal} after {kill_after} checkpoints: the adapter differs"
         );
         let metrics =
             std::fs::read_to_string(home.join("runs").join(&id).join("metrics.jsonl")).unwrap();
