@@ -99,36 +99,42 @@ fn validate(a: ValidateArgs) -> Result<()> {
         None => whet_engine::loader::load_config(&source)?.max_position_embeddings,
     };
     let rows = whet_data::scan_rows(&r.file, r.format)?;
+    // Each row exactly as training would take it (whet_sft::prepare_row).
+    let rendering = whet_sft::Rendering {
+        scaffold: Scaffold {
+            system_prompt: r.system_prompt.as_deref(),
+            tools: &[],
+        },
+        train_on: r.train_on,
+        max_length,
+        overflow: a.overflow,
+    };
     let (mut malformed, mut empty, mut over) = (vec![], vec![], vec![]);
     let (mut usable, mut tokens, mut trained) = (0usize, 0usize, 0usize);
     for (line, row) in &rows {
         let at = format!("{}:{line}", r.file.display());
-        let rendered = match row {
-            Ok(row) => render_row(&tok, row, r).with_context(|| at.clone()),
-            Err(e) => Err(anyhow::anyhow!("{e}")),
-        };
-        let (t, mut w) = match rendered {
-            Ok(x) => x,
+        let row = match row {
+            Ok(row) => row,
             Err(e) => {
-                malformed.push(format!("{e:#}"));
+                malformed.push(e.to_string());
                 continue;
             }
         };
-        if t.len() > max_length {
-            over.push(format!("{at}: {} tokens > {max_length}", t.len()));
-            if a.overflow == Overflow::Drop {
-                continue;
+        match whet_sft::prepare_row(row, &at, Some(&tok), &rendering) {
+            Err(e @ whet_sft::SftError::NothingTrained { .. }) => empty.push(e.to_string()),
+            Err(e) => malformed.push(e.to_string()),
+            Ok(whet_sft::RowOutcome::Dropped) => {
+                over.push(format!("{at}: over {max_length} tokens (dropped)"))
             }
-            w.truncate(max_length);
+            Ok(whet_sft::RowOutcome::Kept { example, truncated }) => {
+                if truncated {
+                    over.push(format!("{at}: over {max_length} tokens (truncated)"));
+                }
+                usable += 1;
+                tokens += example.tokens();
+                trained += example.trained_tokens();
+            }
         }
-        let n_trained = w.iter().filter(|&&x| x > 0.0).count();
-        if n_trained == 0 {
-            empty.push(format!("{at}: trains on nothing"));
-            continue;
-        }
-        usable += 1;
-        tokens += w.len();
-        trained += n_trained;
     }
     let report = json!({
         "file": r.file.display().to_string(),

@@ -26,6 +26,15 @@ impl Example {
     pub fn tokens(&self) -> usize {
         self.datum.model_input.length()
     }
+
+    /// Target tokens with a positive weight (all of them when the datum has no weights).
+    pub fn trained_tokens(&self) -> usize {
+        self.datum
+            .loss_fn_inputs
+            .get("weights")
+            .map(|w| w.to_f32_vec().iter().filter(|&&x| x > 0.0).count())
+            .unwrap_or(self.tokens())
+    }
 }
 
 /// How rows become examples.
@@ -54,10 +63,94 @@ pub struct Prepared {
     pub trained_tokens: usize,
 }
 
-/// Turns rows (with their line numbers in `file`) into examples (conversations need the
-/// tokenizer; datums do not). A row that fails to render or
-/// trains on nothing is an error naming `file:line` — a dataset never trains silently on less
-/// than it says.
+/// What became of one row.
+#[derive(Debug, Clone)]
+pub enum RowOutcome {
+    /// Kept, cut to the maximum length when `truncated`.
+    Kept {
+        /// The example.
+        example: Example,
+        /// It was longer than the maximum length and cut.
+        truncated: bool,
+    },
+    /// Longer than the maximum length and left out (`overflow = "drop"`).
+    Dropped,
+}
+
+/// One row as training takes it (what `whet data validate` reports and `prepare` trains on):
+/// rendered (conversations need the tokenizer; datums do not), held to the maximum length,
+/// refused when it trains on nothing. Errors name `at` (`file:line`).
+pub fn prepare_row(
+    row: &Row,
+    at: &str,
+    tokenizer: Option<&Tokenizer>,
+    r: &Rendering<'_>,
+) -> Result<RowOutcome, SftError> {
+    let row_err = |message: String| SftError::Row {
+        location: at.to_string(),
+        message,
+    };
+    let (mut datum, normalize) = match row {
+        Row::Datum(d) => (d.clone(), false),
+        Row::Chat(conv) => {
+            let tokenizer = tokenizer.ok_or_else(|| {
+                row_err("a conversation needs the model's tokenizer to render".into())
+            })?;
+            let rendered = render_conversation(tokenizer, conv, &r.scaffold, r.train_on)
+                .map_err(|e| row_err(e.to_string()))?;
+            let n = rendered.tokens.len();
+            if n < 2 {
+                return Err(row_err("renders to fewer than 2 tokens".into()));
+            }
+            let ints: Vec<i64> = rendered.tokens.iter().map(|&t| t as i64).collect();
+            let datum = Datum {
+                model_input: ModelInput::from_ints(ints[..n - 1].to_vec()),
+                loss_fn_inputs: [
+                    (
+                        "target_tokens".to_string(),
+                        TensorData::from_i64(ints[1..].to_vec()),
+                    ),
+                    (
+                        "weights".to_string(),
+                        TensorData::from_f32(rendered.weights[1..].to_vec()),
+                    ),
+                ]
+                .into_iter()
+                .collect(),
+            };
+            (datum, true)
+        }
+    };
+    let truncated = datum.model_input.length() > r.max_length;
+    if truncated {
+        match r.overflow {
+            Overflow::Drop => return Ok(RowOutcome::Dropped),
+            Overflow::Truncate => datum = truncate(&datum, r.max_length),
+        }
+    }
+    let weight_sum: f64 = datum
+        .loss_fn_inputs
+        .get("weights")
+        .map(|w| w.to_f32_vec().iter().map(|&x| x as f64).sum())
+        .unwrap_or(datum.model_input.length() as f64);
+    if weight_sum <= 0.0 {
+        return Err(SftError::NothingTrained {
+            location: at.to_string(),
+        });
+    }
+    Ok(RowOutcome::Kept {
+        example: Example {
+            datum,
+            normalize,
+            weight_sum,
+        },
+        truncated,
+    })
+}
+
+/// Turns rows (with their line numbers in `file`) into examples, row by row as
+/// [`prepare_row`]. A row that fails to render or trains on nothing is an error naming
+/// `file:line` — a dataset never trains silently on less than it says.
 pub fn prepare(
     rows: &[(usize, Row)],
     file: &Path,
@@ -68,76 +161,17 @@ pub fn prepare(
     let mut report = Prepared::default();
     for (line, row) in rows {
         let at = format!("{}:{line}", file.display());
-        let row_err = |message: String| SftError::Row {
-            location: at.clone(),
-            message,
-        };
-        let (mut datum, normalize) = match row {
-            Row::Datum(d) => (d.clone(), false),
-            Row::Chat(conv) => {
-                let tokenizer = tokenizer.ok_or_else(|| {
-                    row_err("a conversation needs the model's tokenizer to render".into())
-                })?;
-                let rendered = render_conversation(tokenizer, conv, &r.scaffold, r.train_on)
-                    .map_err(|e| row_err(e.to_string()))?;
-                let n = rendered.tokens.len();
-                if n < 2 {
-                    return Err(row_err("renders to fewer than 2 tokens".into()));
+        match prepare_row(row, &at, tokenizer, r)? {
+            RowOutcome::Dropped => report.dropped.push(at),
+            RowOutcome::Kept { example, truncated } => {
+                if truncated {
+                    report.truncated.push(at);
                 }
-                let ints: Vec<i64> = rendered.tokens.iter().map(|&t| t as i64).collect();
-                let datum = Datum {
-                    model_input: ModelInput::from_ints(ints[..n - 1].to_vec()),
-                    loss_fn_inputs: [
-                        (
-                            "target_tokens".to_string(),
-                            TensorData::from_i64(ints[1..].to_vec()),
-                        ),
-                        (
-                            "weights".to_string(),
-                            TensorData::from_f32(rendered.weights[1..].to_vec()),
-                        ),
-                    ]
-                    .into_iter()
-                    .collect(),
-                };
-                (datum, true)
-            }
-        };
-        if datum.model_input.length() > r.max_length {
-            match r.overflow {
-                Overflow::Drop => {
-                    report.dropped.push(at);
-                    continue;
-                }
-                Overflow::Truncate => {
-                    datum = truncate(&datum, r.max_length);
-                    report.truncated.push(at.clone());
-                }
+                report.tokens += example.tokens();
+                report.trained_tokens += example.trained_tokens();
+                out.push(example);
             }
         }
-        let weight_sum: f64 = datum
-            .loss_fn_inputs
-            .get("weights")
-            .map(|w| w.to_f32_vec().iter().map(|&x| x as f64).sum())
-            .unwrap_or(datum.model_input.length() as f64);
-        if weight_sum <= 0.0 {
-            return Err(row_err(
-                "trains on nothing (no weighted target token; check train_on and the row's \
-                 assistant messages)"
-                    .into(),
-            ));
-        }
-        report.tokens += datum.model_input.length();
-        report.trained_tokens += datum
-            .loss_fn_inputs
-            .get("weights")
-            .map(|w| w.to_f32_vec().iter().filter(|&&x| x > 0.0).count())
-            .unwrap_or(datum.model_input.length());
-        out.push(Example {
-            datum,
-            normalize,
-            weight_sum,
-        });
     }
     Ok((out, report))
 }

@@ -21,7 +21,7 @@ use serde::Serialize;
 use whet_contract::{ContractError, Datum, LossFn, LossFnConfig, TrainingClient};
 
 pub use config::{learning_rate, LrSchedule, OptimizerConfig, ScheduleConfig};
-pub use examples::{prepare, Example, Prepared, Rendering};
+pub use examples::{prepare, prepare_row, Example, Prepared, Rendering, RowOutcome};
 pub use plan::Plan;
 
 /// Errors of the SFT loop.
@@ -37,6 +37,13 @@ pub enum SftError {
         location: String,
         /// What is wrong.
         message: String,
+    },
+    /// A row whose loss weights are all zero (no assistant message to learn, or all
+    /// `weight: 0`).
+    #[error("{location}: trains on nothing (no weighted target token; check train_on and the row's assistant messages)")]
+    NothingTrained {
+        /// `file:line`.
+        location: String,
     },
     /// The training client failed.
     #[error(transparent)]
@@ -171,7 +178,7 @@ pub fn train(
             loss,
             learning_rate: lr,
             num_tokens,
-            num_loss_tokens: batch.iter().map(|e| trained_tokens(&e.datum)).sum(),
+            num_loss_tokens: batch.iter().map(|e| e.trained_tokens()).sum(),
             tokens_per_second: num_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
             grad_norm: opt.metrics.get("grad_norm:mean").copied().unwrap_or(0.0),
             eval_loss: None,
@@ -235,13 +242,6 @@ fn checkpoint(
         state: client.save_state(name)?,
         adapter: client.save_weights_for_sampler(name)?,
     })
-}
-
-fn trained_tokens(d: &Datum) -> usize {
-    d.loss_fn_inputs
-        .get("weights")
-        .map(|w| w.to_f32_vec().iter().filter(|&&x| x > 0.0).count())
-        .unwrap_or(d.model_input.length())
 }
 
 /// The eval rows with weights scaled so that `loss:sum` over all of them is the mean loss per
