@@ -70,9 +70,19 @@ pub struct ScheduleConfig {
     pub epochs: usize,
     /// A cap on optimizer steps; training ends at whichever of epochs and steps comes first.
     pub steps: Option<usize>,
-    /// Rows per optimizer step.
+    /// Rows per optimizer step (when `batch_tokens` is unset).
     pub batch_size: usize,
-    /// Forward/backward passes per optimizer step (the batch split into this many parts).
+    /// Tokens per optimizer step, in place of a row count: each step takes rows in the epoch's
+    /// order while their tokens (what the model reads) fit this budget; a row longer than the
+    /// budget trains alone. A budget keeps the work per step even when row lengths vary widely;
+    /// steps then differ in rows, and epochs (each shuffled differently) in steps. The engine
+    /// packs a step's rows into one sequence where rows never attend to each other. Unset:
+    /// `batch_size` rows per step. With it set, `batch_size` must stay at its default — a
+    /// changed `batch_size` beside it is refused, as one of the two would silently not apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_tokens: Option<usize>,
+    /// Forward/backward passes per optimizer step (the batch split into this many parts, by
+    /// rows). With `batch_tokens`, a step with fewer rows than this runs one part per row.
     pub gradient_accumulation_steps: usize,
     /// Shuffle the rows each epoch (seeded).
     pub shuffle: bool,
@@ -94,6 +104,7 @@ impl Default for ScheduleConfig {
             epochs: 1,
             steps: None,
             batch_size: 8,
+            batch_tokens: None,
             gradient_accumulation_steps: 1,
             shuffle: true,
             seed: 0,
@@ -151,7 +162,12 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused_and_defaults_fill_in() {
         let s: ScheduleConfig = serde_json::from_str(r#"{"epochs": 2}"#).unwrap();
-        assert_eq!((s.epochs, s.batch_size), (2, 8));
+        assert_eq!((s.epochs, s.batch_size, s.batch_tokens), (2, 8, None));
+        let s: ScheduleConfig = serde_json::from_str(r#"{"batch_tokens": 4096}"#).unwrap();
+        assert_eq!(s.batch_tokens, Some(4096));
+        // Unset, it is left out, so a serialised schedule reads as before the field existed.
+        let json = serde_json::to_string(&ScheduleConfig::default()).unwrap();
+        assert!(!json.contains("batch_tokens"), "{json}");
         let e = serde_json::from_str::<ScheduleConfig>(r#"{"epoch": 2}"#).unwrap_err();
         assert!(e.to_string().contains("epoch"), "{e}");
         let o: OptimizerConfig = serde_json::from_str(r#"{"learning_rate": 0.01}"#).unwrap();

@@ -222,3 +222,53 @@ pub fn normalized(batch: &[&Example]) -> Vec<Datum> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(weights: Vec<f32>, normalize: bool) -> Example {
+        let n = weights.len();
+        Example {
+            weight_sum: weights.iter().map(|&w| w as f64).sum(),
+            datum: Datum {
+                model_input: ModelInput::from_ints(vec![1; n]),
+                loss_fn_inputs: [
+                    (
+                        "target_tokens".to_string(),
+                        TensorData::from_i64(vec![2; n]),
+                    ),
+                    ("weights".to_string(), TensorData::from_f32(weights)),
+                ]
+                .into_iter()
+                .collect(),
+            },
+            normalize,
+        }
+    }
+
+    #[test]
+    fn chat_weights_become_a_mean_over_the_batch_whatever_its_shape() {
+        // A batch however formed (a token budget's rows of unequal lengths, or a lone long
+        // row): the chat rows' weights sum to 1 over the whole batch; datums stay as given.
+        let (a, b) = (
+            example(vec![0.0, 1.0, 1.0], true),
+            example(vec![1.0; 7], true),
+        );
+        let d = example(vec![0.5, 0.5], false);
+        let weights = |batch: &[&Example]| -> Vec<Vec<f32>> {
+            normalized(batch)
+                .iter()
+                .map(|d| d.loss_fn_inputs["weights"].to_f32_vec())
+                .collect()
+        };
+        let w = weights(&[&a, &b, &d]);
+        let chat: f32 = w[..2].iter().flatten().sum();
+        assert!((chat - 1.0).abs() < 1e-6, "{chat}");
+        assert_eq!(w[0][0], 0.0);
+        assert!((w[0][1] - 1.0 / 9.0).abs() < 1e-7);
+        assert_eq!(w[2], vec![0.5, 0.5]);
+        let alone = weights(&[&b]);
+        assert!((alone[0].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+}

@@ -131,7 +131,7 @@ pub fn train(
     start_step: usize,
     observer: &mut dyn Observer,
 ) -> Result<Outcome, SftError> {
-    let plan = Plan::new(examples.len(), schedule)?;
+    let plan = Plan::for_examples(examples, schedule)?;
     let total = plan.total_steps();
     if start_step > total {
         return Err(SftError::Config(format!(
@@ -155,10 +155,8 @@ pub fn train(
         let batch: Vec<&Example> = plan.batch(step).into_iter().map(|i| &examples[i]).collect();
         let datums = examples::normalized(&batch);
         // 2. Gradients, accumulated over the parts of the batch.
-        let parts = schedule.gradient_accumulation_steps;
-        let per_part = datums.len().div_ceil(parts);
         let mut loss = 0.0;
-        for part in datums.chunks(per_part.max(1)) {
+        for part in accumulation_parts(&datums, schedule.gradient_accumulation_steps) {
             let out = client.forward_backward(part, LossFn::CrossEntropy, &loss_config)?;
             loss += out.metrics.get("loss:sum").copied().unwrap_or(0.0);
         }
@@ -232,6 +230,14 @@ pub fn train(
     })
 }
 
+/// The batch in at most `parts` runs of consecutive rows, each of `ceil(rows / parts)` rows
+/// but the last. A batch with fewer rows than parts (a token budget's step can be a single
+/// long row) runs one part per row rather than failing: the parts' gradients add up to the
+/// batch's either way, as the weights were normalised over the whole batch first.
+fn accumulation_parts(datums: &[Datum], parts: usize) -> std::slice::Chunks<'_, Datum> {
+    datums.chunks(datums.len().div_ceil(parts.max(1)).max(1))
+}
+
 fn checkpoint(
     client: &mut dyn TrainingClient,
     step: usize,
@@ -264,4 +270,29 @@ fn eval_loss(client: &mut dyn TrainingClient, datums: &[Datum]) -> Result<f64, S
         total += out.metrics.get("loss:sum").copied().unwrap_or(0.0);
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulation_parts_cover_the_batch_in_order() {
+        let datums: Vec<Datum> = (0..5)
+            .map(|i| Datum {
+                model_input: whet_contract::ModelInput::from_ints(vec![i]),
+                loss_fn_inputs: Default::default(),
+            })
+            .collect();
+        let sizes = |parts| {
+            accumulation_parts(&datums, parts)
+                .map(<[Datum]>::len)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(1), vec![5]);
+        assert_eq!(sizes(2), vec![3, 2]);
+        // More parts than rows: one row each, no empty part.
+        assert_eq!(sizes(8), vec![1; 5]);
+        assert_eq!(accumulation_parts(&datums[..1], 4).count(), 1);
+    }
 }

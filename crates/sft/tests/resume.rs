@@ -1,6 +1,7 @@
 //! The loop on the real engine (tiny Llama fixture): resuming from a checkpoint reproduces the
 //! uninterrupted run bit for bit — data order, learning-rate schedule, AdamW moments and LoRA
-//! dropout masks included — and a stop keeps the last checkpoint.
+//! dropout masks included — and a stop keeps the last checkpoint. Batches by row count and by
+//! token budget alike.
 
 use std::path::PathBuf;
 
@@ -8,8 +9,8 @@ use candle_core::Device;
 use whet_contract::TrainingClient;
 use whet_engine::{load_model, Precision, SamplerOptions, TrainingSession};
 use whet_sft::{
-    train, Checkpoint, Control, Example, LrSchedule, Observer, OptimizerConfig, ScheduleConfig,
-    StepMetrics,
+    train, Checkpoint, Control, Example, LrSchedule, Observer, OptimizerConfig, Plan,
+    ScheduleConfig, StepMetrics,
 };
 
 fn fixture() -> PathBuf {
@@ -169,6 +170,100 @@ fn resuming_from_a_checkpoint_is_bitwise_the_uninterrupted_run() {
             .collect::<Vec<_>>()
     };
     assert_eq!(losses(&resumed), losses(&straight)[2..].to_vec());
+    assert_eq!(
+        adapter_bytes(end.last.as_ref().unwrap()),
+        adapter_bytes(whole.last.as_ref().unwrap())
+    );
+}
+
+#[test]
+fn a_token_budget_run_trains_and_resumes_bitwise() {
+    let (opt, rows_schedule) = config();
+    let data = examples(); // 5, 11 and 17 tokens
+    let lengths: Vec<usize> = data.iter().map(Example::tokens).collect();
+    // 20 tokens a step: 2 or 3 steps an epoch by the order; 2 accumulation parts, so steps of
+    // a single row run one part.
+    let schedule = ScheduleConfig {
+        batch_tokens: Some(20),
+        batch_size: ScheduleConfig::default().batch_size, // a budget replaces it
+        gradient_accumulation_steps: 2,
+        seed: 4, // epochs of 2, 3 and 3 steps
+        ..rows_schedule
+    };
+    let plan = Plan::for_examples(&data, &schedule).unwrap();
+    let per_epoch: Vec<usize> = (0..3).map(|e| plan.steps_in_epoch(e)).collect();
+    assert!(
+        per_epoch.contains(&2) && per_epoch.contains(&3),
+        "the seed gives epochs of different lengths: {per_epoch:?}"
+    );
+    let total = plan.total_steps();
+    assert_eq!(total, per_epoch.iter().sum::<usize>());
+    for step in 0..total {
+        let tokens: usize = plan.batch(step).iter().map(|&r| lengths[r]).sum();
+        assert!(tokens <= 20, "step {step}: {tokens} tokens");
+    }
+    let eval = data[..1].to_vec();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut straight = Log::default();
+    let whole = train(
+        &mut session(dir.path()),
+        &data,
+        &eval,
+        &opt,
+        &schedule,
+        0,
+        &mut straight,
+    )
+    .unwrap();
+    assert_eq!((whole.steps, whole.total_steps), (total, total));
+    assert!(straight
+        .steps
+        .iter()
+        .all(|m| m.loss.is_finite() && m.grad_norm > 0.0 && m.num_tokens <= 20));
+
+    // Stopped after step 5 (checkpoints at 2 and 4), resumed from step 4 — inside the second
+    // epoch, whose batches differ from the first's — in a fresh session: the same run.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut stopped = Log {
+        stop_after: Some(5),
+        ..Default::default()
+    };
+    train(
+        &mut session(dir2.path()),
+        &data,
+        &eval,
+        &opt,
+        &schedule,
+        0,
+        &mut stopped,
+    )
+    .unwrap();
+    let resume_from = stopped.checkpoints.last().unwrap().clone();
+    assert_eq!(resume_from.step, 4);
+    let mut resumed_session = session(dir2.path());
+    resumed_session
+        .load_state_with_optimizer(&resume_from.state)
+        .unwrap();
+    let mut resumed = Log::default();
+    let end = train(
+        &mut resumed_session,
+        &data,
+        &eval,
+        &opt,
+        &schedule,
+        resume_from.step,
+        &mut resumed,
+    )
+    .unwrap();
+    assert_eq!(end.steps, total);
+    let losses = |l: &Log| {
+        l.steps
+            .iter()
+            .map(|m| (m.step, m.loss.to_bits(), m.num_tokens))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&resumed), losses(&straight)[4..].to_vec());
     assert_eq!(
         adapter_bytes(end.last.as_ref().unwrap()),
         adapter_bytes(whole.last.as_ref().unwrap())
