@@ -36,9 +36,14 @@ Writes, per family, tests/fixtures/chat/families/<family>/:
   tools/make_chat_fixtures.py for where those came from). Llama 3.1's template, not 3.2's:
   3.2 stamps today's date unless given one.
 
-* cases.json -- per conversation: `messages`, `tools`, the rendered `text`, `ids` =
-  `apply_chat_template(messages, tools=tools, tokenize=True, add_generation_prompt=False,
-  return_dict=False)`, and `trained`: for each assistant message, its index and the token span
+* cases.json -- per conversation: `messages` (the dataset row's, in OpenAI's format: some
+  tool-call arguments are JSON text), `template_messages` (the same with every tool call's
+  arguments an object: what transformers documents for apply_chat_template, and what whet's
+  `parse_row` makes of the row, since templates write arguments with `tojson` and JSON text
+  would come out quoted and escaped), `tools`, the rendered `text`, `ids` =
+  `apply_chat_template(template_messages, tools=tools, tokenize=True,
+  add_generation_prompt=False, return_dict=False)`, and `trained`: for each assistant message,
+  its index and the token span
   [start, end) to learn, computed from transformers alone: start = the length of
   apply_chat_template(messages[:i], add_generation_prompt=True) (the header is context),
   end = the length of apply_chat_template(messages[:i + 1]) less trailing tokens that decode to
@@ -111,8 +116,9 @@ SYSTEM_PROMPT = [
     {"role": "assistant", "content": "Coffee wakes everything."},
 ]
 
-# Llama 3.1's template takes one tool call per assistant message, arguments as an object
-# (it writes them with tojson), and the tool's answer as an `ipython` turn.
+# Llama 3.1's template takes one tool call per assistant message and the tool's answer as an
+# `ipython` turn. The row carries the call's arguments as JSON text, as OpenAI's format does;
+# transformers gets them as an object (see template_messages).
 LLAMA_TOOLS = [
     {"role": "user", "content": "What's the weather in Paris right now?"},
     {
@@ -121,7 +127,7 @@ LLAMA_TOOLS = [
             {
                 "id": "call_1",
                 "type": "function",
-                "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
             }
         ],
     },
@@ -130,8 +136,9 @@ LLAMA_TOOLS = [
 ]
 
 # Qwen2.5's: parallel calls with content before them, consecutive tool results folded into one
-# user turn. Its template writes arguments with tojson, so arguments given as JSON text (OpenAI's
-# shape) come out as a quoted string, in transformers as in whet; one call here does that.
+# user turn. The row gives one call's arguments as JSON text (OpenAI's shape) and the others as
+# objects (whet takes both); transformers gets objects throughout (see template_messages), so the
+# expected text has each call's arguments encoded once.
 QWEN_TOOLS = [
     {"role": "system", "content": "You are a helpful travel assistant."},
     {"role": "user", "content": "What's the weather and the local time in Tokyo?"},
@@ -341,6 +348,30 @@ def write_dir(path, doc, config):
         f.write("\n")
 
 
+def template_messages(messages):
+    """`messages` with every tool call's arguments an object, as transformers documents them for
+    apply_chat_template (and as vLLM's OpenAI server passes them): Llama 3.1's and Qwen2.5's
+    templates write arguments with `tojson`, so JSON text would be encoded twice. whet's
+    `parse_row` does the same to a row."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                call = dict(call)
+                fn = dict(call["function"])
+                if isinstance(fn.get("arguments"), str):
+                    fn["arguments"] = json.loads(fn["arguments"])
+                    if not isinstance(fn["arguments"], dict):
+                        sys.exit(f"tool call {call.get('id')}: arguments are not a JSON object")
+                call["function"] = fn
+                calls.append(call)
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
 def ids_of(tok, messages, tools, add_generation_prompt):
     out = tok.apply_chat_template(
         messages, tools=tools, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
@@ -360,7 +391,8 @@ def renders(tok, messages, tools):
     return out
 
 
-def case_fixture(tok, name, messages, tools):
+def case_fixture(tok, name, row_messages, tools):
+    messages = template_messages(row_messages)
     ids = ids_of(tok, messages, tools, False)
     trained = []
     for i, m in enumerate(messages):
@@ -379,7 +411,8 @@ def case_fixture(tok, name, messages, tools):
         trained.append({"message": i, "span": [start, end], "text": tok.decode(ids[start:end])})
     return {
         "name": name,
-        "messages": messages,
+        "messages": row_messages,
+        "template_messages": messages,
         "tools": tools,
         "text": tok.apply_chat_template(messages, tools=tools, tokenize=False),
         "ids": ids,
@@ -398,7 +431,7 @@ def family_fixture(key, family, wheels, scratch):
 
     texts = []
     for _, messages, tools in family["cases"]:
-        texts.extend(text for _, text in renders(full_tok, messages, tools))
+        texts.extend(text for _, text in renders(full_tok, template_messages(messages), tools))
     pruned = prune(full, texts)
     out_dir = os.path.join(OUT, key)
     if os.path.isdir(out_dir):

@@ -2,7 +2,9 @@
 //!
 //! - **chat**: `{"messages": [...]}` in OpenAI's format (`role`, `content`, `tool_calls`,
 //!   `tool_call_id`), with an optional per-message `weight` of 0 or 1 on assistant messages
-//!   (as OpenAI's fine-tuning format has) and optional `tools` (JSON-schema functions);
+//!   (as OpenAI's fine-tuning format has) and optional `tools` (JSON-schema functions). Tool-call
+//!   `arguments` may be JSON text (OpenAI's shape) or an object; either way the conversation
+//!   carries the object, which is what chat templates expect;
 //! - **prompt/response**: a prompt under `prompt`, `input`, `question` or `task_prompt` and a
 //!   target under `expected_output`, `target`, `answer`, `output`, `response` or `completion`,
 //!   made into a user turn and an assistant turn;
@@ -161,6 +163,95 @@ fn tools_of(obj: &Map<String, Value>) -> std::result::Result<Option<Vec<Value>>,
     }
 }
 
+/// A tool call's `arguments` as the JSON object chat templates expect.
+///
+/// OpenAI's format carries them as JSON text (`"{\"city\": \"Tokyo\"}"`), but the templates of
+/// Llama 3.1, Qwen2.5 and others write them with `tojson`, which would quote that text again:
+/// the model would be trained on `"arguments": "{\"city\": \"Tokyo\"}"`, an escaped form it
+/// should never produce. transformers documents tool-call arguments given to
+/// `apply_chat_template` as dicts, and vLLM's OpenAI server parses them into dicts before
+/// applying the template; so does whet. Text that is not JSON, or JSON that is not an object,
+/// is an error naming `field` — bad input must never train silently. Key order is kept
+/// (serde_json's `preserve_order`), so the object renders as the text spelled it.
+fn tool_arguments(args: &Value, field: &str) -> std::result::Result<Value, RowError> {
+    let because = "chat templates write tool-call arguments with tojson, so they must be a \
+                   JSON object (or JSON text of one, as OpenAI's format has them)";
+    let text = match args {
+        Value::Object(_) => return Ok(args.clone()),
+        Value::String(text) => text,
+        other => {
+            return Err(bad(
+                field,
+                format!(
+                    "{} is {}, not an object: {because}",
+                    excerpt(&other.to_string()),
+                    kind(other)
+                ),
+            ))
+        }
+    };
+    match serde_json::from_str::<Value>(text) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(v) => Err(bad(
+            field,
+            format!(
+                "{:?} is JSON text of {}, not of an object: {because}",
+                excerpt(text),
+                kind(&v)
+            ),
+        )),
+        Err(e) => Err(bad(
+            field,
+            format!("{:?} is not JSON text ({e}): {because}", excerpt(text)),
+        )),
+    }
+}
+
+/// At most 80 characters of `s`, for an error message.
+fn excerpt(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// An assistant message's tool call with its arguments made an object ([`tool_arguments`]).
+/// OpenAI's shape nests `name` and `arguments` under `function`; a call that has no `function`
+/// may carry them itself (templates accept both).
+fn normalize_tool_call(call: &mut Value, field: &str) -> std::result::Result<(), RowError> {
+    let Some(call) = call.as_object_mut() else {
+        return Err(bad(field, "a tool call must be a JSON object"));
+    };
+    let (holder, field) = if call.contains_key("function") {
+        match call.get_mut("function") {
+            Some(Value::Object(f)) => (f, format!("{field}.function")),
+            _ => {
+                return Err(bad(
+                    format!("{field}.function"),
+                    "expected a JSON object (`name`, `arguments`)",
+                ))
+            }
+        }
+    } else {
+        (call, field.to_string())
+    };
+    if let Some(args) = holder.get_mut("arguments") {
+        *args = tool_arguments(args, &format!("{field}.arguments"))?;
+    }
+    Ok(())
+}
+
 fn chat(obj: &Map<String, Value>) -> std::result::Result<Row, RowError> {
     let Some(Value::Array(raw)) = obj.get("messages") else {
         return Err(bad("messages", "expected an array of messages"));
@@ -225,6 +316,11 @@ fn chat(obj: &Map<String, Value>) -> std::result::Result<Row, RowError> {
         };
         let mut m = m.clone();
         m.remove("weight");
+        if let Some(Value::Array(calls)) = m.get_mut("tool_calls") {
+            for (j, call) in calls.iter_mut().enumerate() {
+                normalize_tool_call(call, &format!("messages[{i}].tool_calls[{j}]"))?;
+            }
+        }
         messages.push(Value::Object(m));
         weights.push(weight);
     }
@@ -269,8 +365,8 @@ fn prompt_response(obj: &Map<String, Value>) -> std::result::Result<Row, RowErro
 }
 
 /// An ATIF record as a chat: user/system steps as those turns; an agent step as an assistant
-/// turn (its tool calls in OpenAI's shape, arguments as JSON text) followed by one tool message
-/// per observation result.
+/// turn (its tool calls in OpenAI's shape, arguments kept an object as ATIF has them — see
+/// [`tool_arguments`]) followed by one tool message per observation result.
 fn trajectory(obj: &Map<String, Value>) -> std::result::Result<Row, RowError> {
     let Some(Value::Array(steps)) = obj.get("steps") else {
         return Err(bad("steps", "expected an array of steps"));
@@ -307,11 +403,14 @@ fn trajectory(obj: &Map<String, Value>) -> std::result::Result<Row, RowError> {
                                 "a tool call needs `tool_call_id` and `function_name` strings",
                             ));
                         };
-                        let args = c.get("arguments").cloned().unwrap_or(json!({}));
+                        let args = match c.get("arguments") {
+                            None | Some(Value::Null) => json!({}),
+                            Some(args) => tool_arguments(args, &field("arguments"))?,
+                        };
                         out.push(json!({
                             "id": id,
                             "type": "function",
-                            "function": {"name": name, "arguments": args.to_string()},
+                            "function": {"name": name, "arguments": args},
                         }));
                     }
                     if !out.is_empty() {
@@ -512,11 +611,98 @@ mod tests {
             .collect();
         assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);
         assert_eq!(c.messages[1]["tool_calls"][0]["function"]["name"], "run");
+        // ATIF's arguments are an object, and stay one (templates write them with tojson).
         assert_eq!(
             c.messages[1]["tool_calls"][0]["function"]["arguments"],
-            r#"{"command":"ls"}"#
+            json!({"command": "ls"})
         );
         assert_eq!(c.messages[2]["tool_call_id"], "c1");
+    }
+
+    #[test]
+    fn tool_call_arguments_as_json_text_become_objects() {
+        // OpenAI's shape: arguments as JSON text. Templates write them with tojson, so the
+        // conversation carries the object, keys in the text's order.
+        let c = chat_of(
+            parse_row(
+                &json!({"messages": [
+                    {"role": "user", "content": "Weather in Tokyo?"},
+                    {"role": "assistant", "content": null, "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {
+                            "name": "get_weather",
+                            "arguments": "{\"unit\": \"celsius\", \"city\": \"Tokyo\"}"}},
+                        {"id": "call_2", "type": "function", "function": {
+                            "name": "get_time", "arguments": {"city": "Tokyo"}}},
+                        {"name": "flat", "arguments": "{}"}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "17"},
+                    {"role": "assistant", "content": "17 degrees."}]}),
+                Format::Auto,
+            )
+            .unwrap(),
+        );
+        let calls = &c.messages[1]["tool_calls"];
+        let args = &calls[0]["function"]["arguments"];
+        assert_eq!(*args, json!({"unit": "celsius", "city": "Tokyo"}));
+        assert_eq!(args.to_string(), r#"{"unit":"celsius","city":"Tokyo"}"#);
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        assert_eq!(calls[0]["id"], "call_1");
+        // An object stays as it is; a call without `function` has its own arguments parsed.
+        assert_eq!(calls[1]["function"]["arguments"], json!({"city": "Tokyo"}));
+        assert_eq!(calls[2]["arguments"], json!({}));
+    }
+
+    #[test]
+    fn tool_call_arguments_that_are_not_a_json_object_are_errors() {
+        let row = |args: Value| {
+            json!({"messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "assistant", "tool_calls": [
+                    {"id": "a", "type": "function", "function": {"name": "f", "arguments": {}}},
+                    {"id": "b", "type": "function", "function": {"name": "g", "arguments": args}}]}]})
+        };
+        let field = "messages[2].tool_calls[1].function.arguments";
+        for (args, says) in [
+            (json!("{\"city\": \"Tokyo\""), "is not JSON text"),
+            (json!("city=Tokyo"), "is not JSON text"),
+            (json!(""), "is not JSON text"),
+            (json!("[1, 2]"), "JSON text of an array, not of an object"),
+            (json!("\"Tokyo\""), "JSON text of a string"),
+            (json!(42), "is a number, not an object"),
+            (json!(["Tokyo"]), "is an array, not an object"),
+        ] {
+            let e = parse_row(&row(args.clone()), Format::Auto).unwrap_err();
+            assert_eq!(e.field, field, "{args}");
+            assert!(e.message.contains(says), "{args}: {}", e.message);
+            assert!(e.message.contains("tojson"), "{args}: {}", e.message);
+        }
+        let e = parse_row(
+            &json!({"messages": [{"role": "assistant", "tool_calls": ["f()"]}]}),
+            Format::Auto,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "messages[0].tool_calls[0]");
+        let e = parse_row(
+            &json!({"messages": [{"role": "assistant", "tool_calls": [{"function": "f"}]}]}),
+            Format::Auto,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "messages[0].tool_calls[0].function");
+        // ATIF arguments given as text are held to the same rule.
+        let e = parse_row(
+            &json!({"steps": [{"source": "agent", "tool_calls": [
+                {"tool_call_id": "c1", "function_name": "run", "arguments": "ls -l"}]}]}),
+            Format::Auto,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "steps[0].tool_calls[0].arguments");
+        // In a file, the error names the file, the line and the field.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calls.jsonl");
+        let ok = r#"{"messages": [{"role": "user", "content": "hi"}]}"#;
+        std::fs::write(&path, format!("{ok}\n{}\n", row(json!("{oops}")))).unwrap();
+        let e = read_rows(&path, Format::Auto).unwrap_err().to_string();
+        assert!(e.contains("calls.jsonl:2") && e.contains(field), "{e}");
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! `apply_chat_template` for a Llama 3 and a Qwen2.5 tokenizer: the same token ids, and loss
 //! weights of 1 on exactly each assistant message's content and end-of-turn token.
 //!
+//! Each case's row is in OpenAI's format, some tool-call arguments as JSON text; transformers is
+//! given them as objects (`template_messages`, what it documents), and so must whet's
+//! `parse_row` make them: the templates write arguments with `tojson`, which would encode JSON
+//! text a second time.
+//!
 //! Fixtures: tests/fixtures/chat/families/<family>/ (tokenizer.json, tokenizer_config.json,
 //! cases.json), written by tools/make_render_fixtures.py. The tokenizers are the families' real
 //! tokenizer.json files with the vocabulary pruned to what the cases use; token ids are the
@@ -67,6 +72,18 @@ fn conversation(case: &Value) -> Conversation {
         Ok(Row::Chat(conv)) => conv,
         other => panic!("{}: not a chat row: {other:?}", case["name"]),
     }
+}
+
+/// The arguments of every tool call in `messages`, in order.
+fn tool_arguments(messages: &Value) -> Vec<Value> {
+    messages
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["tool_calls"].as_array())
+        .flatten()
+        .map(|call| call["function"]["arguments"].clone())
+        .collect()
 }
 
 /// (message index, [start, end)) of each assistant message's trained tokens.
@@ -143,6 +160,42 @@ fn fixture_tokenizers_are_the_real_vocabularies() {
     assert_eq!(qwen.tok.token_to_id("<tool_call>"), Some(151_657));
     // Qwen3 added these; Qwen2.5 spells them out in BPE pieces.
     assert_eq!(qwen.tok.token_to_id("<tool_response>"), None);
+}
+
+/// Arguments a row gives as JSON text (OpenAI's shape) reach the template as the object
+/// transformers was given, keys in order, and render encoded once.
+#[test]
+fn tool_call_arguments_given_as_json_text_render_as_objects() {
+    for fam in families() {
+        let mut as_text = 0;
+        for case in cases(&fam) {
+            let name = format!("{}/{}", fam.name, case["name"].as_str().unwrap());
+            let conv = conversation(case);
+            let parsed = Value::Array(conv.messages.clone());
+            assert_eq!(parsed, case["template_messages"], "{name}");
+            let row_args = tool_arguments(&case["messages"]);
+            let args = tool_arguments(&parsed);
+            assert_eq!(row_args.len(), args.len(), "{name}");
+            for (row, arg) in row_args.iter().zip(&args) {
+                assert!(arg.is_object(), "{name}: {arg}");
+                match row {
+                    Value::String(text) => {
+                        as_text += 1;
+                        let object: Value = serde_json::from_str(text).unwrap();
+                        // Same keys in the same order.
+                        assert_eq!(arg.to_string(), object.to_string(), "{name}");
+                    }
+                    row => assert_eq!(row, arg, "{name}"),
+                }
+            }
+            let text = case["text"].as_str().unwrap();
+            assert!(
+                !text.contains(r#"": "{""#),
+                "{name}: arguments encoded twice"
+            );
+        }
+        assert!(as_text > 0, "{}: no arguments given as JSON text", fam.name);
+    }
 }
 
 #[test]
