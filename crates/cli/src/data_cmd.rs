@@ -30,7 +30,7 @@ pub struct RowArgs {
     #[arg(long)]
     model: String,
     /// The dataset: a .jsonl, .json or .csv file of chat, prompt/response, ATIF trajectory or
-    /// Tinker datum rows.
+    /// Tinker datum rows, or a published `name@version[:split]`.
     file: PathBuf,
     /// The rows' kind: auto, chat, prompt_response, trajectories or datums.
     #[arg(long, default_value = "auto")]
@@ -40,8 +40,42 @@ pub struct RowArgs {
     #[arg(long, default_value = "all_assistant_messages")]
     train_on: TrainOn,
     /// A system prompt put first in every conversation (what a capability's prompt does).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "capability")]
     system_prompt: Option<String>,
+    /// A published capability `name@version`: its system prompt and tools, as training uses
+    /// them.
+    #[arg(long)]
+    capability: Option<String>,
+    /// whet's home, for `--capability` and dataset references (default: $WHET_HOME, else
+    /// ~/.whet).
+    #[arg(long, env = "WHET_HOME")]
+    home: Option<PathBuf>,
+    /// The capability's tools.
+    #[arg(skip)]
+    tools: Vec<serde_json::Value>,
+}
+
+impl RowArgs {
+    /// Reads what the flags name from the home: a dataset reference becomes its pinned file,
+    /// a capability its system prompt and tools.
+    fn resolve(mut self) -> Result<Self> {
+        let is_ref = !self.file.exists() && self.file.to_string_lossy().contains('@');
+        if !is_ref && self.capability.is_none() {
+            return Ok(self);
+        }
+        let home = whet_jobs::Home::resolve(self.home.clone())?;
+        let store = whet_jobs::Store::open(&home.db())?;
+        if is_ref {
+            let r = whet_jobs::datasets::resolve(&home, &store, &self.file.to_string_lossy())?;
+            self.file = r.path;
+        }
+        if let Some(c) = &self.capability {
+            let (cap, _) = whet_jobs::capabilities::get(&store, c)?;
+            self.system_prompt = cap.system_prompt;
+            self.tools = cap.tools;
+        }
+        Ok(self)
+    }
 }
 
 /// Arguments of `whet data render`.
@@ -63,8 +97,14 @@ pub struct RenderArgs {
 /// Runs a `whet data` subcommand.
 pub fn run(c: Command) -> Result<()> {
     match c {
-        Command::Render(a) => render(a),
-        Command::Validate(a) => validate(a),
+        Command::Render(mut a) => {
+            a.rows = a.rows.resolve()?;
+            render(a)
+        }
+        Command::Validate(mut a) => {
+            a.rows = a.rows.resolve()?;
+            validate(a)
+        }
     }
 }
 
@@ -103,7 +143,7 @@ fn validate(a: ValidateArgs) -> Result<()> {
     let rendering = whet_sft::Rendering {
         scaffold: Scaffold {
             system_prompt: r.system_prompt.as_deref(),
-            tools: &[],
+            tools: &r.tools,
         },
         train_on: r.train_on,
         max_length,
@@ -189,7 +229,7 @@ fn render_row(tok: &Tokenizer, row: &Row, a: &RowArgs) -> Result<(Vec<u32>, Vec<
         Row::Chat(conv) => {
             let scaffold = Scaffold {
                 system_prompt: a.system_prompt.as_deref(),
-                tools: &[],
+                tools: &a.tools,
             };
             let r = render_conversation(tok, conv, &scaffold, a.train_on)?;
             Ok((r.tokens, r.weights))

@@ -3,9 +3,12 @@
 mod adapter_cmd;
 mod common;
 mod data_cmd;
+mod jobs_cmd;
 mod logprobs_cmd;
 mod model_cmd;
-mod run_dir;
+mod progress;
+mod registry_cmd;
+mod runner;
 mod sample_cmd;
 mod train_cmd;
 mod train_flags;
@@ -38,9 +41,20 @@ enum Command {
     /// Inspect models.
     #[command(subcommand)]
     Model(model_cmd::Command),
-    /// Run a training job file (SFT) in the foreground: progress, metrics, checkpoints, the
-    /// final adapter, and the job record.
+    /// Submit a training job (a job file, or `sft` with flags) and run it in the foreground
+    /// (progress, metrics, checkpoints, the final adapter, the job record), or `--detach` it.
     Train(Box<train_cmd::Args>),
+    /// Jobs: list, get, logs, metrics, artifacts, cancel, retry, wait, resume.
+    #[command(subcommand)]
+    Jobs(jobs_cmd::Command),
+    /// Run queued jobs (`whet train --detach`), oldest first.
+    Worker(jobs_cmd::WorkerArgs),
+    /// The dataset registry: push, list, show.
+    #[command(subcommand)]
+    Datasets(registry_cmd::Datasets),
+    /// The capability registry (system prompt and tools): push, list, show.
+    #[command(subcommand)]
+    Capabilities(registry_cmd::Capabilities),
     /// See what a dataset becomes for a model: tokens and trained tokens per row.
     #[command(subcommand)]
     Data(data_cmd::Command),
@@ -67,9 +81,23 @@ fn main() {
         Command::Model(c) => model_cmd::run(c),
         Command::Data(c) => data_cmd::run(c),
         Command::Train(a) => train_cmd::run(*a),
+        Command::Jobs(c) => jobs_cmd::run(c),
+        Command::Worker(a) => jobs_cmd::worker(a),
+        Command::Datasets(c) => registry_cmd::datasets(c),
+        Command::Capabilities(c) => registry_cmd::capabilities(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every command's flags are consistent (clap checks this only when a command is used).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -20,12 +20,19 @@ pub struct SftFlags {
     /// Base model: a Hugging Face directory, a .gguf file or a cached hub id.
     #[arg(long)]
     model: String,
-    /// Training rows (a file).
-    #[arg(long)]
+    /// Training rows: a published `name@version[:split]`, or a file (published and pinned by
+    /// hash).
+    #[arg(long, default_value = "")]
     dataset: String,
-    /// Eval rows (a file).
+    /// Eval rows (same forms).
     #[arg(long)]
     eval_dataset: Option<String>,
+    /// ATIF trajectory datasets, converted to chat and trained on too (repeatable).
+    #[arg(long = "trajectory-dataset")]
+    trajectory_datasets: Vec<String>,
+    /// Labels for the job (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
     /// A name for the run.
     #[arg(long, default_value = "sft")]
     name: String,
@@ -62,6 +69,9 @@ pub struct SftFlags {
     /// Rows per optimizer step.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Tokens per optimizer step instead of a row count (rows packed up to the budget).
+    #[arg(long, conflicts_with = "batch_size")]
+    batch_tokens: Option<usize>,
     /// Forward/backward passes per step.
     #[arg(long)]
     gradient_accumulation_steps: Option<usize>,
@@ -90,7 +100,9 @@ impl SftFlags {
             "shape": "sft",
             "model": self.model,
             "capability": self.capability,
-            "data": {"dataset": self.dataset, "eval_dataset": self.eval_dataset},
+            "tags": self.tags,
+            "data": {"dataset": self.dataset, "eval_dataset": self.eval_dataset,
+                     "trajectory_datasets": self.trajectory_datasets},
         }))?;
         fn set<T>(slot: &mut T, v: Option<T>) {
             if let Some(v) = v {
@@ -108,6 +120,7 @@ impl SftFlags {
         set(&mut sc.epochs, self.epochs);
         sc.steps = self.steps.or(sc.steps);
         set(&mut sc.batch_size, self.batch_size);
+        sc.batch_tokens = self.batch_tokens.or(sc.batch_tokens);
         set(
             &mut sc.gradient_accumulation_steps,
             self.gradient_accumulation_steps,

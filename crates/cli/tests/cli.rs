@@ -1,44 +1,14 @@
 //! End to end: the `whet` binary on the tiny fixtures and on SmolLM2, including the clear
 //! errors bad input must get.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::*;
 
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    root().join("tests/fixtures").join(name)
-}
-
-fn whet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_whet"))
-        .args(args)
-        .output()
-        .expect("whet runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = whet(args);
-    assert!(
-        out.status.success(),
-        "whet {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail, returns its stderr.
-fn fails(args: &[&str]) -> String {
-    let out = whet(args);
-    assert!(!out.status.success(), "whet {args:?} should have failed");
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!err.contains("panicked"), "whet {args:?} panicked: {err}");
-    err
-}
 
 fn expected_logprobs(model: &str, tag: &str, i: usize) -> Vec<f32> {
     let t = candle_core::safetensors::load(
@@ -47,10 +17,6 @@ fn expected_logprobs(model: &str, tag: &str, i: usize) -> Vec<f32> {
     )
     .unwrap();
     t[&format!("logprobs.{tag}.{i}")].to_vec1().unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -202,21 +168,6 @@ fn bad_input_gets_one_clear_error_and_no_output_file() {
     // A missing model.
     let e = fails(&["model", "info", "/no/such/dir"]);
     assert!(e.contains("/no/such/dir"), "{e}");
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{} is missing: run tools/get-smollm2.sh", p.display());
-    }
-    eprintln!(
-        "skipping: {} is missing (run tools/get-smollm2.sh)",
-        p.display()
-    );
-    None
 }
 
 #[test]
@@ -416,8 +367,8 @@ fn train_runs_an_sft_job_file_and_refuses_bad_input_before_any_compute() {
     assert_eq!(record["metrics"]["step"], 4);
     let adapter = PathBuf::from(record["artifacts"]["final_adapter"].as_str().unwrap());
     assert!(adapter.join("adapter_model.safetensors").is_file());
-    let metrics =
-        std::fs::read_to_string(record["artifacts"]["metrics"].as_str().unwrap()).unwrap();
+    let id = record["id"].as_str().unwrap().to_string();
+    let metrics = ok(&["jobs", "metrics", &id, "--home", s(&home), "--json"]);
     let lines: Vec<Value> = metrics
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -443,7 +394,7 @@ fn train_runs_an_sft_job_file_and_refuses_bad_input_before_any_compute() {
         assert!(lines[0][key].is_number(), "{key} in {}", lines[0]);
     }
     // The log: {timestamp, level, message, data} with the platform's progress events.
-    let log = std::fs::read_to_string(record["artifacts"]["logs"].as_str().unwrap()).unwrap();
+    let log = ok(&["jobs", "logs", &id, "--home", s(&home), "--json"]);
     let events: Vec<String> = log
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
@@ -498,12 +449,21 @@ fn train_runs_an_sft_job_file_and_refuses_bad_input_before_any_compute() {
     assert_eq!(record["config"]["schedule"]["lr_schedule"], "cosine");
     assert_eq!(record["config"]["lora"]["rank"], 2);
 
-    // Bad input: one clear error, and no run started.
-    let runs = || std::fs::read_dir(home.join("runs")).unwrap().count();
-    let before = runs();
-    write_job("epochs = 2\n"); // belongs in [schedule]
+    // Bad input: one clear error before any compute, and the job record says why.
+    let latest = || -> Value {
+        let out = ok(&["jobs", "list", "--home", s(&home), "--json"]);
+        serde_json::from_str(out.lines().next().unwrap()).unwrap()
+    };
+    let jobs = || {
+        ok(&["jobs", "list", "--home", s(&home), "--json"])
+            .lines()
+            .count()
+    };
+    let before = jobs();
+    write_job("epochs = 2\n"); // belongs in [schedule]: no job at all
     let e = fails(&["train", s(&job), "--home", s(&home)]);
     assert!(e.contains("job.toml") && e.contains("epochs"), "{e}");
+    assert_eq!(jobs(), before);
     write_job("");
     std::fs::write(&rows, "{\"prompt\": \"x\"}\n").unwrap();
     let e = fails(&["train", s(&job), "--home", s(&home)]);
@@ -511,13 +471,46 @@ fn train_runs_an_sft_job_file_and_refuses_bad_input_before_any_compute() {
         e.contains("rows.jsonl:1") && e.contains("expected_output"),
         "{e}"
     );
+    let r = latest();
+    assert_eq!(r["status"], "failed");
+    assert!(r["error"].as_str().unwrap().contains("rows.jsonl:1"), "{r}");
+    assert!(r["metrics"].is_null(), "nothing was trained");
     write_job("capability = \"support@1.0.0\"\n");
+    std::fs::write(&rows, "{\"prompt\": \"x\", \"answer\": \"y\"}\n").unwrap();
     let e = fails(&["train", s(&job), "--home", s(&home)]);
-    assert!(e.contains("support@1.0.0"), "{e}");
-    assert_eq!(runs(), before);
+    assert!(
+        e.contains("support@1.0.0") && e.contains("capabilities push"),
+        "{e}"
+    );
+    assert!(latest()["error"]
+        .as_str()
+        .unwrap()
+        .contains("support@1.0.0"));
+    write_job("");
+    std::fs::write(
+        &rows,
+        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 0}]}"#,
+    )
+    .unwrap();
+    let e = fails(&["train", s(&job), "--home", s(&home)]);
+    assert!(e.contains("train"), "a dataset that trains on nothing: {e}");
+    assert_eq!(latest()["status"], "failed");
+    let missing = job.with_file_name("missing.toml");
+    std::fs::write(
+        &missing,
+        "name = \"m\"\nshape = \"sft\"\nmodel = \"no/such/model.gguf\"\n[data]\ndataset = \"rows.jsonl\"\n",
+    )
+    .unwrap();
+    let e = fails(&["train", s(&missing), "--home", s(&home)]);
+    assert!(e.contains("no/such/model.gguf"), "{e}");
+    assert!(latest()["error"]
+        .as_str()
+        .unwrap()
+        .contains("no/such/model.gguf"));
+    assert_eq!(jobs(), before + 4);
 }
 
-/// A run killed with SIGKILL at several points resumes (`whet train --resume ID`) from the last
+/// A job killed with SIGKILL at several points resumes (`whet jobs resume ID`) from the last
 /// checkpoint its record names and ends with the adapter, byte for byte, of a run never stopped
 /// (data order, schedule, AdamW moments and LoRA dropout masks all restored).
 #[test]
@@ -570,31 +563,35 @@ fn a_run_killed_at_any_point_resumes_to_the_same_adapter_bitwise() {
         let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
             .args(["train", s(&job), "--home", s(&home)])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join("stderr.txt")).unwrap())
             .spawn()
             .unwrap();
         let started = std::time::Instant::now();
         let id = loop {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the run ended before the kill"
-            );
+            if let Some(status) = child.try_wait().unwrap() {
+                let err = std::fs::read_to_string(tmp.path().join("stderr.txt")).unwrap();
+                panic!("the run ended before the kill ({status}): {err}");
+            }
             assert!(
                 started.elapsed().as_secs() < 600,
                 "no checkpoint after 10 minutes"
             );
-            let named = std::fs::read_dir(home.join("runs")).ok().and_then(|mut d| {
-                let dir = d.next()?.ok()?.path();
-                let record: Value =
-                    serde_json::from_str(&std::fs::read_to_string(dir.join("job.json")).ok()?)
-                        .ok()?;
-                let n = record["artifacts"]["checkpoints"].as_array()?.len();
-                (n >= kill_after).then(|| dir.file_name().unwrap().to_string_lossy().to_string())
-            });
+            let listed = whet(&["jobs", "list", "--home", s(&home), "--json"]);
+            if !listed.status.success() {
+                eprintln!("jobs list: {}", String::from_utf8_lossy(&listed.stderr));
+            }
+            let named = String::from_utf8_lossy(&listed.stdout)
+                .lines()
+                .next()
+                .and_then(|l| serde_json::from_str::<Value>(l).ok())
+                .and_then(|record| {
+                    let n = record["artifacts"]["checkpoints"].as_array()?.len();
+                    (n >= kill_after).then(|| record["id"].as_str().unwrap().to_string())
+                });
             if let Some(id) = named {
                 break id;
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::thread::sleep(std::time::Duration::from_millis(100));
         };
         if signal == "KILL" {
             child.kill().unwrap();
@@ -610,25 +607,22 @@ fn a_run_killed_at_any_point_resumes_to_the_same_adapter_bitwise() {
                 !child.wait().unwrap().success(),
                 "a cancelled run exits non-zero"
             );
-            let record: Value = serde_json::from_str(
-                &std::fs::read_to_string(home.join("runs").join(&id).join("job.json")).unwrap(),
-            )
-            .unwrap();
+            let record: Value =
+                serde_json::from_str(&ok(&["jobs", "get", &id, "--home", s(&home), "--json"]))
+                    .unwrap();
             assert_eq!(record["status"], "cancelled");
             assert!(record["artifacts"]["final_adapter"].is_null());
         }
-        let resumed: Value = serde_json::from_str(
-            ok(&["train", "--resume", &id, "--home", s(&home), "--json"]).trim(),
-        )
-        .unwrap();
+        let resumed: Value =
+            serde_json::from_str(ok(&["jobs", "resume", &id, "--home", s(&home), "--json"]).trim())
+                .unwrap();
         assert_eq!(resumed["status"], "completed");
         assert_eq!(resumed["metrics"]["step"], 6);
         assert!(
             adapter_bytes(&resumed) == want,
             "SIG{signal} after {kill_after} checkpoints: the adapter differs"
         );
-        let metrics =
-            std::fs::read_to_string(home.join("runs").join(&id).join("metrics.jsonl")).unwrap();
+        let metrics = ok(&["jobs", "metrics", &id, "--home", s(&home), "--json"]);
         let steps: Vec<u64> = metrics
             .lines()
             .map(|l| {
@@ -643,7 +637,7 @@ fn a_run_killed_at_any_point_resumes_to_the_same_adapter_bitwise() {
             "one metrics row per step"
         );
         // A completed run has nothing to resume.
-        let e = fails(&["train", "--resume", &id, "--home", s(&home)]);
+        let e = fails(&["jobs", "resume", &id, "--home", s(&home)]);
         assert!(e.contains("completed"), "{e}");
     }
 }

@@ -30,12 +30,12 @@ pub enum JobError {
         message: String,
     },
     /// A file that cannot be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (not a `source`: the message says it already).
+        error: std::io::Error,
     },
     /// Input that is wrong (the message names the file and field).
     #[error("{0}")]
@@ -46,6 +46,9 @@ pub enum JobError {
     /// The database.
     #[error("the home's database: {0}")]
     Store(String),
+    /// The database stayed busy (other processes writing) for a minute.
+    #[error("the home's database is busy: {0}")]
+    Busy(String),
     /// Rows that cannot be read.
     #[error(transparent)]
     Data(#[from] whet_data::DataError),
@@ -53,10 +56,10 @@ pub enum JobError {
 
 impl JobError {
     /// An I/O error on `path`.
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, error: std::io::Error) -> Self {
         Self::Io {
             path: path.display().to_string(),
-            source,
+            error,
         }
     }
 }

@@ -45,12 +45,15 @@ pub enum Shape {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataSpec {
-    /// The training rows: `name@version` or a file path.
+    /// The training rows: `name@version[:split]` or a file path (published and pinned by
+    /// hash when the job is submitted). May be empty when `trajectory_datasets` are given.
     pub dataset: String,
     /// The rows' kind.
     pub format: Format,
     /// Rows for the eval loss (same kinds), optional.
     pub eval_dataset: Option<String>,
+    /// ATIF trajectory datasets, converted to chat and trained on with the rows of `dataset`.
+    pub trajectory_datasets: Vec<String>,
     /// Which messages carry loss.
     pub train_on: TrainOn,
     /// Longest sequence in tokens (default: the model's context).
@@ -65,6 +68,7 @@ impl Default for DataSpec {
             dataset: String::new(),
             format: Format::Auto,
             eval_dataset: None,
+            trajectory_datasets: vec![],
             train_on: TrainOn::AllAssistantMessages,
             max_length: None,
             overflow: Overflow::Truncate,
@@ -126,6 +130,9 @@ pub struct JobSpec {
     /// The capability `name@version` whose system prompt and tools scaffold every row.
     #[serde(default)]
     pub capability: Option<String>,
+    /// Labels for finding the job later.
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// The rows.
     pub data: DataSpec,
     /// The adapter.
@@ -151,7 +158,8 @@ impl JobSpec {
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &str| -> String {
             let candidate = base.join(p);
-            if !p.contains('@') && Path::new(p).is_relative() && candidate.exists() {
+            if !p.is_empty() && !p.contains('@') && Path::new(p).is_relative() && candidate.exists()
+            {
                 candidate.display().to_string()
             } else {
                 p.to_string()
@@ -160,6 +168,12 @@ impl JobSpec {
         spec.model = resolve(&spec.model);
         spec.data.dataset = resolve(&spec.data.dataset);
         spec.data.eval_dataset = spec.data.eval_dataset.as_deref().map(resolve);
+        spec.data.trajectory_datasets = spec
+            .data
+            .trajectory_datasets
+            .iter()
+            .map(|t| resolve(t))
+            .collect();
         if let Some(a) = &spec.lora.init_adapter {
             if a.is_relative() && base.join(a).exists() {
                 spec.lora.init_adapter = Some(base.join(a));
@@ -184,8 +198,8 @@ impl JobSpec {
         if self.model.trim().is_empty() {
             return Err("`model` is empty".into());
         }
-        if self.data.dataset.trim().is_empty() {
-            return Err("`data.dataset` is empty".into());
+        if self.data.dataset.trim().is_empty() && self.data.trajectory_datasets.is_empty() {
+            return Err("`data.dataset` is empty (and no `data.trajectory_datasets`)".into());
         }
         if self.lora.rank == 0 {
             return Err("`lora.rank` must be at least 1".into());

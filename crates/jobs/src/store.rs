@@ -82,7 +82,28 @@ pub struct Store {
 }
 
 fn db(e: rusqlite::Error) -> JobError {
-    JobError::Store(e.to_string())
+    use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked) => JobError::Busy(e.to_string()),
+        _ => JobError::Store(e.to_string()),
+    }
+}
+
+/// Runs `f` again while the database is busy. SQLite's busy timeout covers most contention,
+/// but not all of it (a WAL snapshot gone stale under a reader, a checkpoint at the moment a
+/// connection opens), and a training job must not fail because someone ran `whet jobs list`.
+fn retry<T>(mut f: impl FnMut() -> Result<T, JobError>) -> Result<T, JobError> {
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(5);
+    loop {
+        match f() {
+            Err(JobError::Busy(_)) if started.elapsed() < Duration::from_secs(60) => {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn json_text(v: &Value) -> String {
@@ -99,12 +120,22 @@ impl Store {
         let mut conn = Connection::open(path)
             .map_err(|e| JobError::Store(format!("{}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
-        let version: usize = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(db)?;
+        // WAL: readers never block the writer. Switching needs an exclusive lock, so only a
+        // database not yet in WAL mode is switched.
+        retry(|| {
+            let mode: String = conn
+                .pragma_query_value(None, "journal_mode", |r| r.get(0))
+                .map_err(db)?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                conn.pragma_update(None, "journal_mode", "WAL")
+                    .map_err(db)?;
+            }
+            conn.pragma_update(None, "foreign_keys", "ON").map_err(db)
+        })?;
+        let version: usize = retry(|| {
+            conn.pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(db)
+        })?;
         if version > MIGRATIONS.len() {
             return Err(JobError::Store(format!(
                 "{}: schema version {version} is newer than this whet knows ({}); use a newer whet",
@@ -113,19 +144,21 @@ impl Store {
             )));
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Exclusive)
-                .map_err(db)?;
-            // Another process may have migrated while we waited for the lock.
-            let now: usize = tx
-                .pragma_query_value(None, "user_version", |r| r.get(0))
-                .map_err(db)?;
-            if now > i {
-                continue;
-            }
-            tx.execute_batch(sql).map_err(db)?;
-            tx.pragma_update(None, "user_version", i + 1).map_err(db)?;
-            tx.commit().map_err(db)?;
+            retry(|| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Exclusive)
+                    .map_err(db)?;
+                // Another process may have migrated while we waited for the lock.
+                let now: usize = tx
+                    .pragma_query_value(None, "user_version", |r| r.get(0))
+                    .map_err(db)?;
+                if now > i {
+                    return Ok(());
+                }
+                tx.execute_batch(sql).map_err(db)?;
+                tx.pragma_update(None, "user_version", i + 1).map_err(db)?;
+                tx.commit().map_err(db)
+            })?;
         }
         Ok(Self { conn })
     }
@@ -143,38 +176,40 @@ impl Store {
         document: &Value,
         now: &str,
     ) -> Result<Pushed, JobError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        let existing: Option<String> = tx
-            .query_row(
-                "SELECT digest FROM registry WHERE kind = ?1 AND name = ?2 AND version = ?3",
-                params![kind, name, version],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db)?;
-        let outcome = match existing {
-            Some(d) if d == digest => Pushed::Unchanged,
-            Some(d) => {
-                return Err(JobError::Invalid(format!(
+        retry(|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT digest FROM registry WHERE kind = ?1 AND name = ?2 AND version = ?3",
+                    params![kind, name, version],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            let outcome = match existing {
+                Some(d) if d == digest => Pushed::Unchanged,
+                Some(d) => {
+                    return Err(JobError::Invalid(format!(
                     "{kind} {name}@{version} is already published with other content (sha256 {d}); \
                      versions are immutable: publish a new version"
                 )))
-            }
-            None => {
-                tx.execute(
-                    "INSERT INTO registry (kind, name, version, digest, document, created_at)
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO registry (kind, name, version, digest, document, created_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![kind, name, version, digest, json_text(document), now],
-                )
-                .map_err(db)?;
-                Pushed::Created
-            }
-        };
-        tx.commit().map_err(db)?;
-        Ok(outcome)
+                        params![kind, name, version, digest, json_text(document), now],
+                    )
+                    .map_err(db)?;
+                    Pushed::Created
+                }
+            };
+            tx.commit().map_err(db)?;
+            Ok(outcome)
+        })
     }
 
     /// The document of `kind` `name@version`, if published.
@@ -184,38 +219,43 @@ impl Store {
         name: &str,
         version: &str,
     ) -> Result<Option<Value>, JobError> {
-        self.conn
-            .query_row(
-                "SELECT document FROM registry WHERE kind = ?1 AND name = ?2 AND version = ?3",
-                params![kind, name, version],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()
-            .map_err(db)
-            .map(|d| d.as_deref().map(parse))
+        retry(|| {
+            self.conn
+                .query_row(
+                    "SELECT document FROM registry WHERE kind = ?1 AND name = ?2 AND version = ?3",
+                    params![kind, name, version],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()
+                .map_err(db)
+                .map(|d| d.as_deref().map(parse))
+        })
     }
 
     /// Every published `kind` entry (all names, or one), oldest first.
     pub fn registry_list(&self, kind: &str, name: Option<&str>) -> Result<Vec<Value>, JobError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT document FROM registry WHERE kind = ?1 AND (?2 IS NULL OR name = ?2)
+        retry(|| {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT document FROM registry WHERE kind = ?1 AND (?2 IS NULL OR name = ?2)
                  ORDER BY name, created_at, version",
-            )
-            .map_err(db)?;
-        let rows = stmt
-            .query_map(params![kind, name], |r| r.get::<_, String>(0))
-            .map_err(db)?;
-        rows.map(|r| r.map(|t| parse(&t)).map_err(db)).collect()
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![kind, name], |r| r.get::<_, String>(0))
+                .map_err(db)?;
+            rows.map(|r| r.map(|t| parse(&t)).map_err(db)).collect()
+        })
     }
 
     // ---- jobs ----
 
     /// Inserts a new job record (its `id`, `name`, `status` fields are the columns).
     pub fn create_job(&mut self, record: &Value, created_unix: u64) -> Result<(), JobError> {
-        let id = record["id"].as_str().unwrap_or_default();
-        self.conn
+        retry(|| {
+            let id = record["id"].as_str().unwrap_or_default();
+            self.conn
             .execute(
                 "INSERT INTO jobs (id, name, status, record, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
@@ -227,165 +267,180 @@ impl Store {
                 ],
             )
             .map_err(db)?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Replaces a job's record and status in one transaction.
     pub fn save_job(&mut self, record: &Value) -> Result<(), JobError> {
-        let id = record["id"].as_str().unwrap_or_default();
-        let n = self
-            .conn
-            .execute(
-                "UPDATE jobs SET status = ?2, record = ?3 WHERE id = ?1",
-                params![
-                    id,
-                    record["status"].as_str().unwrap_or("failed"),
-                    json_text(record)
-                ],
-            )
-            .map_err(db)?;
-        if n == 0 {
-            return Err(JobError::NotFound(format!("job {id}")));
-        }
-        Ok(())
+        retry(|| {
+            let id = record["id"].as_str().unwrap_or_default();
+            let n = self
+                .conn
+                .execute(
+                    "UPDATE jobs SET status = ?2, record = ?3 WHERE id = ?1",
+                    params![
+                        id,
+                        record["status"].as_str().unwrap_or("failed"),
+                        json_text(record)
+                    ],
+                )
+                .map_err(db)?;
+            if n == 0 {
+                return Err(JobError::NotFound(format!("job {id}")));
+            }
+            Ok(())
+        })
     }
 
     /// A job's record, with its status and cancel request as the database has them now.
     pub fn job(&self, id: &str) -> Result<Value, JobError> {
-        let row: Option<(String, String, Option<String>)> = self
-            .conn
-            .query_row(
-                "SELECT record, status, cancel_requested_at FROM jobs WHERE id = ?1",
-                params![id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(db)?;
-        let (record, status, cancel) =
-            row.ok_or_else(|| JobError::NotFound(format!("job {id:?} (see `whet jobs list`)")))?;
-        let mut v = parse(&record);
-        v["status"] = Value::String(status);
-        v["cancel_requested_at"] = cancel.map(Value::String).unwrap_or(Value::Null);
-        Ok(v)
+        retry(|| {
+            let row: Option<(String, String, Option<String>)> = self
+                .conn
+                .query_row(
+                    "SELECT record, status, cancel_requested_at FROM jobs WHERE id = ?1",
+                    params![id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(db)?;
+            let (record, status, cancel) = row
+                .ok_or_else(|| JobError::NotFound(format!("job {id:?} (see `whet jobs list`)")))?;
+            let mut v = parse(&record);
+            v["status"] = Value::String(status);
+            v["cancel_requested_at"] = cancel.map(Value::String).unwrap_or(Value::Null);
+            Ok(v)
+        })
     }
 
-    /// Job records, newest first, optionally of one status.
+    /// Job records, newest first (in submission order: rowids only grow), optionally of one
+    /// status.
     pub fn jobs(&self, status: Option<&str>) -> Result<Vec<Value>, JobError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT id FROM jobs WHERE (?1 IS NULL OR status = ?1)
-                 ORDER BY created_at DESC, id DESC",
-            )
-            .map_err(db)?;
-        let ids: Vec<String> = stmt
-            .query_map(params![status], |r| r.get(0))
-            .map_err(db)?
-            .collect::<Result<_, _>>()
-            .map_err(db)?;
-        ids.iter().map(|id| self.job(id)).collect()
+        retry(|| {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT id FROM jobs WHERE (?1 IS NULL OR status = ?1) ORDER BY rowid DESC",
+                )
+                .map_err(db)?;
+            let ids: Vec<String> = stmt
+                .query_map(params![status], |r| r.get(0))
+                .map_err(db)?
+                .collect::<Result<_, _>>()
+                .map_err(db)?;
+            ids.iter().map(|id| self.job(id)).collect()
+        })
     }
 
     /// Takes the oldest queued job for this process: `queued → running` happens once, whoever
     /// else is claiming.
     pub fn claim_queued(&mut self) -> Result<Option<String>, JobError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        let id: Option<String> = tx
-            .query_row(
-                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db)?;
-        if let Some(id) = &id {
-            tx.execute(
-                "UPDATE jobs SET status = 'running' WHERE id = ?1",
-                params![id],
-            )
-            .map_err(db)?;
-        }
-        tx.commit().map_err(db)?;
-        Ok(id)
+        retry(|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let id: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM jobs WHERE status = 'queued' ORDER BY rowid LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            if let Some(id) = &id {
+                tx.execute(
+                    "UPDATE jobs SET status = 'running' WHERE id = ?1",
+                    params![id],
+                )
+                .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(id)
+        })
     }
 
     /// Moves a job to `status` only if it is in one of `from` (returns whether it moved).
     pub fn transition(&mut self, id: &str, from: &[&str], status: &str) -> Result<bool, JobError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        let now: Option<String> = tx
-            .query_row("SELECT status FROM jobs WHERE id = ?1", params![id], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(db)?;
-        let now = now.ok_or_else(|| JobError::NotFound(format!("job {id:?}")))?;
-        let moved = from.contains(&now.as_str());
-        if moved {
-            tx.execute(
-                "UPDATE jobs SET status = ?2, cancel_requested_at = NULL WHERE id = ?1",
-                params![id, status],
-            )
-            .map_err(db)?;
-        }
-        tx.commit().map_err(db)?;
-        Ok(moved)
+        retry(|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let now: Option<String> = tx
+                .query_row("SELECT status FROM jobs WHERE id = ?1", params![id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(db)?;
+            let now = now.ok_or_else(|| JobError::NotFound(format!("job {id:?}")))?;
+            let moved = from.contains(&now.as_str());
+            if moved {
+                tx.execute(
+                    "UPDATE jobs SET status = ?2, cancel_requested_at = NULL WHERE id = ?1",
+                    params![id, status],
+                )
+                .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(moved)
+        })
     }
 
     /// Cancels a queued job, or asks a running one to stop after its current step.
     pub fn cancel(&mut self, id: &str, now: &str) -> Result<Cancel, JobError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        let status: Option<String> = tx
-            .query_row("SELECT status FROM jobs WHERE id = ?1", params![id], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(db)?;
-        let status = status
-            .ok_or_else(|| JobError::NotFound(format!("job {id:?} (see `whet jobs list`)")))?;
-        let outcome = match status.as_str() {
-            "queued" => {
-                tx.execute(
+        retry(|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let status: Option<String> = tx
+                .query_row("SELECT status FROM jobs WHERE id = ?1", params![id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(db)?;
+            let status = status
+                .ok_or_else(|| JobError::NotFound(format!("job {id:?} (see `whet jobs list`)")))?;
+            let outcome = match status.as_str() {
+                "queued" => {
+                    tx.execute(
                     "UPDATE jobs SET status = 'cancelled', cancel_requested_at = ?2 WHERE id = ?1",
                     params![id, now],
                 )
                 .map_err(db)?;
-                Cancel::Cancelled
-            }
-            "running" => {
-                tx.execute(
-                    "UPDATE jobs SET cancel_requested_at = ?2 WHERE id = ?1",
-                    params![id, now],
-                )
-                .map_err(db)?;
-                Cancel::Requested
-            }
-            other => Cancel::AlreadyEnded(other.to_string()),
-        };
-        tx.commit().map_err(db)?;
-        Ok(outcome)
+                    Cancel::Cancelled
+                }
+                "running" => {
+                    tx.execute(
+                        "UPDATE jobs SET cancel_requested_at = ?2 WHERE id = ?1",
+                        params![id, now],
+                    )
+                    .map_err(db)?;
+                    Cancel::Requested
+                }
+                other => Cancel::AlreadyEnded(other.to_string()),
+            };
+            tx.commit().map_err(db)?;
+            Ok(outcome)
+        })
     }
 
     /// Whether someone asked job `id` to stop.
     pub fn cancel_requested(&self, id: &str) -> Result<bool, JobError> {
-        let v: Option<Option<String>> = self
-            .conn
-            .query_row(
-                "SELECT cancel_requested_at FROM jobs WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db)?;
-        Ok(matches!(v, Some(Some(_))))
+        retry(|| {
+            let v: Option<Option<String>> = self
+                .conn
+                .query_row(
+                    "SELECT cancel_requested_at FROM jobs WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            Ok(matches!(v, Some(Some(_))))
+        })
     }
 
     // ---- events and metrics ----
@@ -399,70 +454,85 @@ impl Store {
         message: &str,
         data: &Value,
     ) -> Result<(), JobError> {
-        self.conn
+        retry(|| {
+            self.conn
             .execute(
                 "INSERT INTO events (job_id, timestamp, level, message, data) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![id, timestamp, level, message, json_text(data)],
             )
             .map_err(db)?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Log entries of job `id` after sequence number `after`, with their sequence numbers.
     pub fn events(&self, id: &str, after: i64) -> Result<Vec<(i64, Value)>, JobError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT seq, timestamp, level, message, data FROM events
+        retry(|| {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT seq, timestamp, level, message, data FROM events
                  WHERE job_id = ?1 AND seq > ?2 ORDER BY seq",
-            )
-            .map_err(db)?;
-        let rows = stmt
-            .query_map(params![id, after], |r| {
-                let (seq, timestamp, level, message, data): (i64, String, String, String, String) =
-                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
-                Ok((
-                    seq,
-                    serde_json::json!({"timestamp": timestamp, "level": level,
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![id, after], |r| {
+                    let (seq, timestamp, level, message, data): (
+                        i64,
+                        String,
+                        String,
+                        String,
+                        String,
+                    ) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+                    Ok((
+                        seq,
+                        serde_json::json!({"timestamp": timestamp, "level": level,
                                        "message": message, "data": parse(&data)}),
-                ))
-            })
-            .map_err(db)?;
-        rows.collect::<Result<_, _>>().map_err(db)
+                    ))
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
     }
 
     /// Records the metrics row of a step (a redone step replaces its row).
     pub fn put_metrics(&mut self, id: &str, step: usize, row: &Value) -> Result<(), JobError> {
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO metrics (job_id, step, row) VALUES (?1, ?2, ?3)",
-                params![id, step as i64, json_text(row)],
-            )
-            .map_err(db)?;
-        Ok(())
+        retry(|| {
+            self.conn
+                .execute(
+                    "INSERT OR REPLACE INTO metrics (job_id, step, row) VALUES (?1, ?2, ?3)",
+                    params![id, step as i64, json_text(row)],
+                )
+                .map_err(db)?;
+            Ok(())
+        })
     }
 
     /// Drops the metrics rows after `step` (a resumed job redoes those steps).
     pub fn truncate_metrics(&mut self, id: &str, step: usize) -> Result<(), JobError> {
-        self.conn
-            .execute(
-                "DELETE FROM metrics WHERE job_id = ?1 AND step > ?2",
-                params![id, step as i64],
-            )
-            .map_err(db)?;
-        Ok(())
+        retry(|| {
+            self.conn
+                .execute(
+                    "DELETE FROM metrics WHERE job_id = ?1 AND step > ?2",
+                    params![id, step as i64],
+                )
+                .map_err(db)?;
+            Ok(())
+        })
     }
 
     /// The metrics rows of job `id`, by step.
     pub fn metrics(&self, id: &str) -> Result<Vec<Value>, JobError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT row FROM metrics WHERE job_id = ?1 ORDER BY step")
-            .map_err(db)?;
-        let rows = stmt
-            .query_map(params![id], |r| r.get::<_, String>(0))
-            .map_err(db)?;
-        rows.map(|r| r.map(|t| parse(&t)).map_err(db)).collect()
+        retry(|| {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT row FROM metrics WHERE job_id = ?1 ORDER BY step")
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![id], |r| r.get::<_, String>(0))
+                .map_err(db)?;
+            rows.map(|r| r.map(|t| parse(&t)).map_err(db)).collect()
+        })
     }
 }
 
@@ -553,5 +623,47 @@ mod tests {
         );
         assert_eq!(s.jobs(Some("queued")).unwrap().len(), 1);
         assert!(s.job("zz").is_err());
+    }
+
+    /// A job writing while readers open, read and close the database never fails. (Threads
+    /// share a process's locks; the multi-process case — a job that once failed with "database
+    /// is locked" while `whet jobs list` polled it — is the kill-and-resume test in the CLI.)
+    #[test]
+    fn a_writer_never_fails_while_readers_come_and_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("whet.db");
+        let mut w = Store::open(&path).unwrap();
+        w.create_job(&json!({"id": "a", "name": "n", "status": "running"}), 0)
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (path, stop) = (path.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = Store::open(&path).unwrap();
+                        assert_eq!(r.jobs(None).unwrap().len(), 1);
+                        r.metrics("a").unwrap();
+                    }
+                })
+            })
+            .collect();
+        for step in 0..300 {
+            if step % 20 == 0 {
+                // As a job does between submission and its run: close, open again.
+                drop(w);
+                w = Store::open(&path).unwrap();
+            }
+            let mut r = w.job("a").unwrap();
+            r["step"] = json!(step);
+            w.save_job(&r).unwrap();
+            w.put_metrics("a", step, &json!({"step": step})).unwrap();
+            w.log("a", "t", "info", "step", &json!({})).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert_eq!(w.metrics("a").unwrap().len(), 300);
     }
 }

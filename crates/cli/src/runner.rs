@@ -1,0 +1,512 @@
+//! Running a job: submitting it (its record in the home's database, its data pinned, its
+//! capability resolved), then — in the foreground, or in a `whet worker` — checking every row
+//! and loading the model before any compute, training from its last checkpoint (if any) to the
+//! end, and leaving the final record. Whatever goes wrong after submission, the record says why.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use whet_data::{Format, Row, Scaffold};
+use whet_engine::{ModelSource, Precision, TrainingSession};
+use whet_jobs::{capabilities, datasets, Home, JobSpec, Shape, Store};
+use whet_lora::{LoraConfig, Target};
+use whet_sft::Rendering;
+
+use crate::common;
+use crate::progress::{checkpoints_of, Progress};
+
+/// Prompts for the preview: each conversation up to its last assistant message.
+fn preview_prompts(rows: &[(usize, Row)], n: usize) -> Vec<Vec<Value>> {
+    rows.iter()
+        .filter_map(|(_, r)| match r {
+            Row::Chat(c) => {
+                let last = c.messages.iter().rposition(|m| m["role"] == "assistant")?;
+                Some(c.messages[..last].to_vec())
+            }
+            Row::Datum(_) => None,
+        })
+        .take(n)
+        .collect()
+}
+
+/// Greedy answers (up to 48 tokens) of the session's current weights.
+fn answers(
+    session: &mut TrainingSession,
+    tok: &whet_data::Tokenizer,
+    prompts: &[Vec<Value>],
+    scaffold: &Scaffold<'_>,
+) -> Result<Vec<String>> {
+    use whet_contract::{ModelInput, SamplingParams, TrainingClient};
+    let sampler = session.sampling_client()?;
+    let params = SamplingParams {
+        max_tokens: Some(48),
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    prompts
+        .iter()
+        .map(|messages| {
+            let mut messages = messages.clone();
+            if let Some(system) = scaffold.system_prompt {
+                if messages.first().is_none_or(|m| m["role"] != "system") {
+                    messages.insert(0, json!({"role": "system", "content": system}));
+                }
+            }
+            let tools = (!scaffold.tools.is_empty()).then_some(scaffold.tools);
+            let ids = tok.apply_chat_template(&messages, tools, true)?;
+            let input = ModelInput::from_ints(ids.iter().map(|&t| t as i64).collect());
+            let out = sampler.sample(&input, 1, &params, false, 0)?;
+            let tokens: Vec<u32> = out.sequences[0].tokens.iter().map(|&t| t as u32).collect();
+            Ok(tok.decode(&tokens, true)?.trim().to_string())
+        })
+        .collect()
+}
+
+fn lora_config(spec: &JobSpec) -> Result<LoraConfig> {
+    let target_modules = spec
+        .lora
+        .target_modules
+        .iter()
+        .map(|t| {
+            serde_json::from_value::<Target>(Value::String(t.clone())).map_err(|_| {
+                anyhow::anyhow!(
+                    "lora.target_modules: {t:?} is not one of q_proj, k_proj, v_proj, o_proj, \
+                     gate_proj, up_proj, down_proj"
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(LoraConfig {
+        rank: spec.lora.rank,
+        alpha: spec.lora.alpha,
+        dropout: spec.lora.dropout,
+        seed: spec.lora.seed,
+        target_modules,
+        ..LoraConfig::default()
+    })
+}
+
+/// A new job id: the name's slug and the submission time in microseconds (hex).
+fn new_id(name: &str) -> String {
+    let slug: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    format!("{slug}-{micros:x}")
+}
+
+/// Marks a job failed with `error` (record and log), keeping everything it had.
+pub fn fail(store: &mut Store, record: &mut Value, error: &str) -> Result<()> {
+    record["status"] = json!("failed");
+    record["error"] = json!(error);
+    record["completed_at"] = json!(whet_jobs::now_rfc3339());
+    store.save_job(record)?;
+    let id = record["id"].as_str().unwrap_or_default().to_string();
+    let data = json!({"event": "training_error"});
+    store.log(&id, &whet_jobs::now_rfc3339(), "error", error, &data)?;
+    Ok(())
+}
+
+/// Pins the job's data and resolves its capability: `dataset`, `eval_dataset` and
+/// `trajectory_datasets` become `name@version:split` of the registry (plain files are published
+/// first, pinned by hash). Returns the resolved spec and the record's reference fields.
+fn resolve_refs(home: &Home, store: &mut Store, spec: &JobSpec) -> Result<(JobSpec, Value)> {
+    if spec.shape != Shape::Sft {
+        bail!("shape = \"rl\": RL jobs are not available yet");
+    }
+    ModelSource::resolve(&spec.model).with_context(|| format!("model {:?}", spec.model))?;
+    lora_config(spec)?;
+    let mut out = spec.clone();
+    let format = spec.data.format;
+    let pin = |store: &mut Store, what: &str, s: &str, f: Format| -> Result<String> {
+        let r = datasets::resolve_or_pin(home, store, what, s, f)?;
+        Ok(format!("{}:{}", r.reference, r.split))
+    };
+    let mut refs = json!({"dataset_ref": null, "eval_dataset_ref": null,
+                          "trajectory_dataset_refs": [], "capability": null});
+    if !spec.data.dataset.is_empty() {
+        out.data.dataset = pin(store, "data.dataset", &spec.data.dataset, format)?;
+        refs["dataset_ref"] = json!(out.data.dataset);
+    }
+    if let Some(e) = &spec.data.eval_dataset {
+        let r = pin(store, "data.eval_dataset", e, format)?;
+        refs["eval_dataset_ref"] = json!(r);
+        out.data.eval_dataset = Some(r);
+    }
+    out.data.trajectory_datasets = spec
+        .data
+        .trajectory_datasets
+        .iter()
+        .map(|t| pin(store, "data.trajectory_datasets", t, Format::Trajectories))
+        .collect::<Result<_>>()?;
+    refs["trajectory_dataset_refs"] = json!(out.data.trajectory_datasets);
+    if let Some(c) = &spec.capability {
+        let (cap, digest) = capabilities::get(store, c)?;
+        refs["capability"] = json!({"name": cap.name, "version": cap.version, "digest": digest});
+    }
+    Ok((out, refs))
+}
+
+/// Records a new job (`queued`) and pins its inputs. A job whose inputs cannot be resolved is
+/// recorded as failed, with the reason, and this returns the error.
+pub fn submit(
+    home: &Home,
+    store: &mut Store,
+    spec: &JobSpec,
+    precision: Precision,
+    preview: usize,
+    retry_of: Option<&str>,
+) -> Result<Value> {
+    let id = new_id(&spec.name);
+    let dir = home.run_dir(&id);
+    let mut record = json!({
+        "id": id,
+        "status": "queued",
+        "name": spec.name,
+        "backend": "local",
+        "trainer_type": "sft",
+        "model": spec.model,
+        "precision": precision.to_string(),
+        "preview_prompts": preview,
+        "config": spec,
+        "tags": spec.tags,
+        "metrics": null,
+        "artifacts": {"run_dir": dir.display().to_string(), "checkpoints": [], "final_adapter": null},
+        "error": null,
+        "retry_of": retry_of,
+        "created_at": whet_jobs::now_rfc3339(),
+        "started_at": null,
+        "completed_at": null,
+    });
+    store.create_job(&record, whet_jobs::now_unix())?;
+    match resolve_refs(home, store, spec) {
+        Ok((resolved, refs)) => {
+            if let (Some(r), Some(refs)) = (record.as_object_mut(), refs.as_object()) {
+                r.extend(refs.clone());
+            }
+            record["config"] = json!(resolved);
+            store.save_job(&record)?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            Ok(record)
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            fail(store, &mut record, &msg)?;
+            bail!("job {id} failed: {msg}")
+        }
+    }
+}
+
+/// Everything a run needs, checked and loaded before any compute.
+struct Prepared {
+    spec: JobSpec,
+    preview_rows: Vec<(usize, Row)>,
+    examples: Vec<whet_sft::Example>,
+    eval: Vec<whet_sft::Example>,
+    report: whet_sft::Prepared,
+    plan: whet_sft::Plan,
+    loaded: common::Loaded,
+    system_prompt: Option<String>,
+    tools: Vec<Value>,
+}
+
+fn prepare(
+    home: &Home,
+    store: &mut Store,
+    spec: JobSpec,
+    precision: Precision,
+) -> Result<Prepared> {
+    let (system_prompt, tools) = match &spec.capability {
+        Some(c) => {
+            let (cap, _) = capabilities::get(store, c)?;
+            (cap.system_prompt, cap.tools)
+        }
+        None => (None, vec![]),
+    };
+    lora_config(&spec)?;
+    // Every source's rows, read from the home (checked against their pinned sha256).
+    let mut sources = Vec::new();
+    if !spec.data.dataset.is_empty() {
+        sources.push((spec.data.dataset.clone(), spec.data.format));
+    }
+    for t in &spec.data.trajectory_datasets {
+        sources.push((t.clone(), Format::Trajectories));
+    }
+    let mut train = Vec::new();
+    for (reference, format) in sources {
+        let r = datasets::resolve_or_pin(home, store, "data", &reference, format)?;
+        let rows = whet_data::read_rows(&r.path, format)?;
+        train.push((r.path, rows));
+    }
+    let eval_src = match &spec.data.eval_dataset {
+        Some(e) => {
+            let r =
+                datasets::resolve_or_pin(home, store, "data.eval_dataset", e, spec.data.format)?;
+            let rows = whet_data::read_rows(&r.path, spec.data.format)?;
+            Some((r.path, rows))
+        }
+        None => None,
+    };
+    // Conversations need the tokenizer; datums alone do not.
+    let chats = train
+        .iter()
+        .chain(&eval_src)
+        .flat_map(|(_, rows)| rows)
+        .any(|(_, r)| matches!(r, Row::Chat(_)));
+    let loaded = common::load(&spec.model, precision, chats)?;
+    let tok = loaded.tokenizer.as_deref();
+    let rendering = Rendering {
+        scaffold: Scaffold {
+            system_prompt: system_prompt.as_deref(),
+            tools: &tools,
+        },
+        train_on: spec.data.train_on,
+        max_length: spec
+            .data
+            .max_length
+            .unwrap_or(loaded.model.config.max_position_embeddings),
+        overflow: spec.data.overflow,
+    };
+    let mut examples = Vec::new();
+    let mut report = whet_sft::Prepared::default();
+    for (path, rows) in &train {
+        let (ex, r) = whet_sft::prepare(rows, path, tok, &rendering)?;
+        examples.extend(ex);
+        report.dropped.extend(r.dropped);
+        report.truncated.extend(r.truncated);
+        report.tokens += r.tokens;
+        report.trained_tokens += r.trained_tokens;
+    }
+    let eval = match &eval_src {
+        Some((path, rows)) => whet_sft::prepare(rows, path, tok, &rendering)?.0,
+        None => vec![],
+    };
+    let plan = whet_sft::Plan::for_examples(&examples, &spec.schedule)?;
+    let preview_rows = match eval_src {
+        Some((_, rows)) => rows,
+        None => train.into_iter().flat_map(|(_, rows)| rows).collect(),
+    };
+    Ok(Prepared {
+        spec,
+        preview_rows,
+        examples,
+        eval,
+        report,
+        plan,
+        loaded,
+        system_prompt,
+        tools,
+    })
+}
+
+/// A fresh session: the job's new LoRA, or its `init_adapter`.
+fn new_session(p: &Prepared, ckpt: &Path) -> Result<TrainingSession> {
+    let loaded = &p.loaded;
+    Ok(match &p.spec.lora.init_adapter {
+        Some(dir) => TrainingSession::with_adapter(
+            loaded.model.clone(),
+            &p.spec.model,
+            common::load_adapter(loaded, dir)?,
+            ckpt,
+            common::sampler_options(loaded),
+        ),
+        None => TrainingSession::new(
+            loaded.model.clone(),
+            &p.spec.model,
+            lora_config(&p.spec)?,
+            ckpt,
+            common::sampler_options(loaded),
+        )?,
+    })
+}
+
+/// Holds `runs/<id>/lock` while a process runs the job; the lock dies with the process, so a
+/// job marked `running` whose lock is free was killed.
+pub fn lock(home: &Home, id: &str) -> Result<Option<std::fs::File>> {
+    let dir = home.run_dir(id);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = std::fs::File::create(&path).with_context(|| format!("{}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).context(format!("{}", path.display())),
+    }
+}
+
+/// Whether some process is running job `id` now.
+pub fn runner_alive(home: &Home, id: &str) -> bool {
+    matches!(lock(home, id), Ok(None))
+}
+
+/// Runs job `id` (queued, or claimed as running) in this process, from its last checkpoint,
+/// and returns its final record — completed, failed or cancelled. Errors only when the job
+/// cannot be started at all (another process runs it, it already ended).
+pub fn run_job(home: &Home, id: &str, quiet: bool) -> Result<Value> {
+    let mut store = Store::open(&home.db())?;
+    let Some(_lock) = lock(home, id)? else {
+        bail!("job {id} is being run by another process");
+    };
+    if !store.transition(id, &["queued", "running"], "running")? {
+        let status = store.job(id)?["status"].clone();
+        bail!("job {id} is {status}: nothing to run");
+    }
+    let mut record = store.job(id)?;
+    if record["started_at"].is_null() {
+        record["started_at"] = json!(whet_jobs::now_rfc3339());
+    }
+    record["error"] = Value::Null;
+    record["runner"] = json!({"pid": std::process::id()});
+    store.save_job(&record)?;
+    let spec: JobSpec = serde_json::from_value(record["config"].clone())
+        .with_context(|| format!("job {id}: its stored config"))?;
+    let precision: Precision = record["precision"].as_str().unwrap_or("f32").parse()?;
+    let p = match prepare(home, &mut store, spec, precision) {
+        Ok(p) => p,
+        Err(e) => {
+            fail(&mut store, &mut record, &format!("{e:#}"))?;
+            return Ok(record);
+        }
+    };
+    let result = train(home, &mut store, &mut record, &p, quiet);
+    if let Err(e) = result {
+        fail(&mut store, &mut record, &format!("{e:#}"))?;
+    }
+    Ok(store.job(id).unwrap_or(record))
+}
+
+/// Trains from the last checkpoint to the end; leaves the final record in the store.
+fn train(
+    home: &Home,
+    store: &mut Store,
+    record: &mut Value,
+    p: &Prepared,
+    quiet: bool,
+) -> Result<()> {
+    let id = record["id"].as_str().unwrap_or_default().to_string();
+    let mut session = new_session(p, &home.run_dir(&id).join("checkpoints"))?;
+    let checkpoints = checkpoints_of(record);
+    let start = match checkpoints.last() {
+        Some(c) => {
+            use whet_contract::TrainingClient;
+            session
+                .load_state_with_optimizer(&c.state)
+                .with_context(|| format!("loading checkpoint {}", c.state))?;
+            c.step
+        }
+        None => 0,
+    };
+    // Metrics past the checkpoint are redone.
+    store.truncate_metrics(&id, start)?;
+    record["data"] = json!(p.report);
+    let scaffold = Scaffold {
+        system_prompt: p.system_prompt.as_deref(),
+        tools: &p.tools,
+    };
+    let tok = p.loaded.tokenizer.as_deref();
+    let n_preview = record["preview_prompts"].as_u64().unwrap_or(0) as usize;
+    let prompts = match tok {
+        Some(_) if n_preview > 0 => preview_prompts(&p.preview_rows, n_preview),
+        _ => vec![],
+    };
+    let before = match tok {
+        Some(t) if !prompts.is_empty() => answers(&mut session, t, &prompts, &scaffold)?,
+        _ => vec![],
+    };
+    let mut progress = Progress::new(store, record.clone(), p.plan.total_steps(), quiet);
+    progress.bar.set_position(start as u64);
+    progress.save()?;
+    let (message, data) = if start == 0 {
+        (
+            format!(
+                "training {} on {} rows, {} steps",
+                p.spec.model,
+                p.examples.len(),
+                p.plan.total_steps()
+            ),
+            json!({"event": "training_start", "rows": p.examples.len(), "tokens": p.report.tokens,
+                   "trained_tokens": p.report.trained_tokens, "steps": p.plan.total_steps()}),
+        )
+    } else {
+        (
+            format!("resumed at step {start}"),
+            json!({"event": "training_start", "resumed_from_step": start}),
+        )
+    };
+    progress.log("info", message, data);
+    let result = whet_sft::train(
+        &mut session,
+        &p.examples,
+        &p.eval,
+        &p.spec.optimizer,
+        &p.spec.schedule,
+        start,
+        &mut progress,
+    );
+    progress.bar.finish_and_clear();
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            *record = progress.record.clone();
+            record["artifacts"]["checkpoints"] = json!(progress.checkpoints);
+            return Err(e.into());
+        }
+    };
+    let cancelled = outcome.stopped;
+    let after = match tok {
+        Some(t) if !cancelled && !prompts.is_empty() => {
+            answers(&mut session, t, &prompts, &scaffold)?
+        }
+        _ => vec![],
+    };
+    let preview: Vec<Value> = prompts
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|(p, (b, a))| {
+            let question = p.last().map(|m| m["content"].clone()).unwrap_or_default();
+            json!({"prompt": question, "before": b, "after": a})
+        })
+        .collect();
+    let (level, message, data) = if cancelled {
+        (
+            "warn",
+            format!("cancelled after step {}", outcome.steps),
+            json!({"event": "training_end", "steps": outcome.steps, "cancelled": true}),
+        )
+    } else {
+        (
+            "info",
+            format!("completed {} steps", outcome.steps),
+            json!({"event": "training_end", "steps": outcome.steps}),
+        )
+    };
+    progress.log(level, message, data);
+    let final_adapter = progress
+        .checkpoints
+        .last()
+        .filter(|_| !cancelled)
+        .map(|c| c.adapter.clone());
+    let mut r = progress.record.clone();
+    r["status"] = json!(if cancelled { "cancelled" } else { "completed" });
+    r["metrics"] = json!(progress.last);
+    r["artifacts"]["checkpoints"] = json!(progress.checkpoints);
+    r["artifacts"]["final_adapter"] = json!(final_adapter);
+    r["preview"] = json!(preview);
+    r["completed_at"] = json!(whet_jobs::now_rfc3339());
+    progress.record = r.clone();
+    progress.save()?;
+    *record = r;
+    Ok(())
+}
