@@ -238,3 +238,64 @@ fn jobs_queue_run_in_a_worker_cancel_resume_retry_and_wait() {
     assert!(e.contains("still queued"), "{e}");
     assert!(fails(&["jobs", "get", "no-such-job", "--home", h]).contains("no-such-job"));
 }
+
+/// The acceptance point, through the whole job path (job file, pinned dataset, store,
+/// foreground run): three AdamW steps on the fixture's datums from its PEFT adapter give
+/// PyTorch's per-step losses and gradient norms (tools/make_fixtures.py, `adam_log`).
+#[test]
+fn a_job_from_a_peft_adapter_reproduces_torch_step_by_step() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("home");
+        let dir = fixture(name);
+        let meta: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let p = &meta["adam_params"];
+        let job = tmp.path().join("job.toml");
+        std::fs::write(
+            &job,
+            format!(
+                "name = \"parity\"\nshape = \"sft\"\nmodel = {:?}\n[data]\ndataset = {:?}\n\
+                 format = \"datums\"\n[lora]\ninit_adapter = {:?}\n[optimizer]\n\
+                 learning_rate = {}\nbeta1 = {}\nbeta2 = {}\neps = {}\nweight_decay = {}\n\
+                 grad_clip_norm = {}\n[schedule]\nepochs = {}\nbatch_size = 3\nshuffle = false\n\
+                 lr_schedule = \"constant\"\neval_interval = 0\n",
+                s(&dir),
+                s(&dir.join("datums.jsonl")),
+                s(&dir.join("adapter")),
+                p["learning_rate"],
+                p["beta1"],
+                p["beta2"],
+                p["eps"],
+                p["weight_decay"],
+                p["grad_clip_norm"],
+                meta["adam_steps"],
+            ),
+        )
+        .unwrap();
+        let record = json(&ok(&["train", s(&job), "--home", s(&home), "--json"]));
+        let id = record["id"].as_str().unwrap();
+        let rows: Vec<Value> = ok(&["jobs", "metrics", id, "--home", s(&home), "--json"])
+            .lines()
+            .map(json)
+            .collect();
+        let want = meta["adam_log"].as_array().unwrap();
+        assert_eq!(rows.len(), want.len());
+        for (m, w) in rows.iter().zip(want) {
+            let (loss, want_loss) = (m["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
+            assert!(
+                (loss - want_loss).abs() < 1e-5 * want_loss.abs(),
+                "{name}: {m} vs {w}"
+            );
+            let (norm, want_norm) = (
+                m["grad_norm"].as_f64().unwrap(),
+                w["grad_norm_before_clip"].as_f64().unwrap(),
+            );
+            assert!(
+                (norm - want_norm).abs() < 1e-4 * want_norm,
+                "{name}: {m} vs {w}"
+            );
+        }
+    }
+}
