@@ -124,3 +124,23 @@ pub fn emit(out: Option<&PathBuf>, text: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// `--home` and `--json`, shared by the commands that read the home.
+#[derive(clap::Args)]
+pub struct HomeArgs {
+    /// whet's home (default: $WHET_HOME, else ~/.whet).
+    #[arg(long, env = "WHET_HOME")]
+    pub home: Option<PathBuf>,
+    /// Machine-readable output (one JSON document per line).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl HomeArgs {
+    /// The home and its database.
+    pub fn open(&self) -> Result<(whet_jobs::Home, whet_jobs::Store)> {
+        let home = whet_jobs::Home::resolve(self.home.clone())?;
+        let store = whet_jobs::Store::open(&home.db())?;
+        Ok((home, store))
+    }
+}

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
-use whet_jobs::{Cancel, Home, JobSpec, Store, TERMINAL};
+use whet_jobs::{Cancel, Home, JobSpec, TERMINAL};
 
+use crate::common::HomeArgs;
 use crate::runner;
 use crate::train_cmd::{queued, report};
 
@@ -20,7 +21,7 @@ pub enum Command {
         #[arg(long)]
         status: Option<String>,
         #[command(flatten)]
-        common: Common,
+        common: HomeArgs,
     },
     /// A job's record.
     Get(Job),
@@ -69,24 +70,13 @@ pub enum Command {
     },
 }
 
-/// `--home` and `--json`.
-#[derive(clap::Args)]
-pub struct Common {
-    /// whet's home (default: $WHET_HOME, else ~/.whet).
-    #[arg(long, env = "WHET_HOME")]
-    home: Option<std::path::PathBuf>,
-    /// Machine-readable output.
-    #[arg(long)]
-    json: bool,
-}
-
 /// A job id with `--home` and `--json`.
 #[derive(clap::Args)]
 pub struct Job {
     /// The job's id (see `whet jobs list`).
     id: String,
     #[command(flatten)]
-    common: Common,
+    common: HomeArgs,
 }
 
 /// `whet worker`: runs queued jobs, oldest first.
@@ -99,13 +89,7 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 2.0)]
     poll: f64,
     #[command(flatten)]
-    common: Common,
-}
-
-fn open(c: &Common) -> Result<(Home, Store)> {
-    let home = Home::resolve(c.home.clone())?;
-    let store = Store::open(&home.db())?;
-    Ok((home, store))
+    common: HomeArgs,
 }
 
 /// The record as the user sees it: a `running` job whose process is gone says so.
@@ -146,7 +130,7 @@ pub fn run(c: Command) -> Result<()> {
                     );
                 }
             }
-            let (home, store) = open(&common)?;
+            let (home, store) = common.open()?;
             let jobs = store.jobs(status.as_deref())?;
             if common.json {
                 for j in jobs {
@@ -181,7 +165,7 @@ pub fn run(c: Command) -> Result<()> {
             Ok(())
         }
         Command::Get(j) => {
-            let (home, store) = open(&j.common)?;
+            let (home, store) = j.common.open()?;
             let record = annotate(&home, store.job(&j.id)?);
             if j.common.json {
                 println!("{record}");
@@ -192,7 +176,7 @@ pub fn run(c: Command) -> Result<()> {
         }
         Command::Logs { job, follow } => logs(&job, follow),
         Command::Metrics(j) => {
-            let (_, store) = open(&j.common)?;
+            let (_, store) = j.common.open()?;
             store.job(&j.id)?;
             let rows = store.metrics(&j.id)?;
             if j.common.json {
@@ -224,7 +208,7 @@ pub fn run(c: Command) -> Result<()> {
             Ok(())
         }
         Command::Artifacts(j) => {
-            let (_, store) = open(&j.common)?;
+            let (_, store) = j.common.open()?;
             let artifacts = store.job(&j.id)?["artifacts"].clone();
             if j.common.json {
                 println!("{artifacts}");
@@ -234,7 +218,7 @@ pub fn run(c: Command) -> Result<()> {
             Ok(())
         }
         Command::Cancel(j) => {
-            let (home, mut store) = open(&j.common)?;
+            let (home, mut store) = j.common.open()?;
             let now = whet_jobs::now_rfc3339();
             let outcome = store.cancel(&j.id, &now)?;
             let message = match &outcome {
@@ -262,7 +246,7 @@ pub fn run(c: Command) -> Result<()> {
             detach,
             preview,
         } => {
-            let (home, mut store) = open(&job.common)?;
+            let (home, mut store) = job.common.open()?;
             let old = store.job(&job.id)?;
             match old["status"].as_str() {
                 Some("failed" | "cancelled") => {}
@@ -289,7 +273,7 @@ pub fn run(c: Command) -> Result<()> {
         }
         Command::Wait { job, timeout } => wait(&job, timeout),
         Command::Resume { job, detach } => {
-            let (home, mut store) = open(&job.common)?;
+            let (home, mut store) = job.common.open()?;
             let record = store.job(&job.id)?;
             let status = record["status"].as_str().unwrap_or("unknown");
             let killed = status == "running" && !runner::runner_alive(&home, &job.id);
@@ -314,7 +298,7 @@ pub fn run(c: Command) -> Result<()> {
 }
 
 fn logs(job: &Job, follow: bool) -> Result<()> {
-    let (home, store) = open(&job.common)?;
+    let (home, store) = job.common.open()?;
     store.job(&job.id)?;
     let mut after = 0;
     loop {
@@ -356,7 +340,7 @@ fn logs(job: &Job, follow: bool) -> Result<()> {
 }
 
 fn wait(job: &Job, timeout: Option<f64>) -> Result<()> {
-    let (home, store) = open(&job.common)?;
+    let (home, store) = job.common.open()?;
     let started = Instant::now();
     loop {
         let record = store.job(&job.id)?;
@@ -384,7 +368,7 @@ fn wait(job: &Job, timeout: Option<f64>) -> Result<()> {
 
 /// Runs queued jobs one after another in this process.
 pub fn worker(a: WorkerArgs) -> Result<()> {
-    let (home, mut store) = open(&a.common)?;
+    let (home, mut store) = a.common.open()?;
     crate::progress::catch_interrupts();
     let cancel = || crate::progress::CANCEL.load(std::sync::atomic::Ordering::SeqCst);
     loop {

@@ -3,20 +3,10 @@
 
 use std::path::PathBuf;
 
+use crate::common::HomeArgs;
 use anyhow::Result;
 use serde_json::Value;
-use whet_jobs::{capabilities, datasets, Capability, Home, Pushed, Store};
-
-/// `--home` and `--json`.
-#[derive(clap::Args)]
-pub struct Common {
-    /// whet's home (default: $WHET_HOME, else ~/.whet).
-    #[arg(long, env = "WHET_HOME")]
-    home: Option<PathBuf>,
-    /// Machine-readable output (one JSON document per line).
-    #[arg(long)]
-    json: bool,
-}
+use whet_jobs::{capabilities, datasets, Capability, Pushed};
 
 /// `whet datasets …`.
 #[derive(clap::Subcommand)]
@@ -38,16 +28,16 @@ pub enum Datasets {
         #[arg(long)]
         format: Option<whet_data::Format>,
         #[command(flatten)]
-        common: Common,
+        common: HomeArgs,
     },
     /// Published datasets.
-    List(Common),
+    List(HomeArgs),
     /// One dataset version: its files, sha256s, splits and row counts.
     Show {
         /// name@version
         reference: String,
         #[command(flatten)]
-        common: Common,
+        common: HomeArgs,
     },
 }
 
@@ -59,23 +49,17 @@ pub enum Capabilities {
         /// The capability.yaml file.
         file: PathBuf,
         #[command(flatten)]
-        common: Common,
+        common: HomeArgs,
     },
     /// Published capabilities.
-    List(Common),
+    List(HomeArgs),
     /// One capability version.
     Show {
         /// name@version
         reference: String,
         #[command(flatten)]
-        common: Common,
+        common: HomeArgs,
     },
-}
-
-fn open(c: &Common) -> Result<(Home, Store)> {
-    let home = Home::resolve(c.home.clone())?;
-    let store = Store::open(&home.db())?;
-    Ok((home, store))
 }
 
 fn pushed_word(p: Pushed) -> &'static str {
@@ -111,7 +95,7 @@ pub fn datasets(c: Datasets) -> Result<()> {
             format,
             common,
         } => {
-            let (home, mut store) = open(&common)?;
+            let (home, mut store) = common.open()?;
             let req = datasets::PushRequest {
                 path,
                 name,
@@ -141,14 +125,14 @@ pub fn datasets(c: Datasets) -> Result<()> {
             Ok(())
         }
         Datasets::List(common) => {
-            let (_, store) = open(&common)?;
+            let (_, store) = common.open()?;
             table(&datasets::list(&store)?, common.json, |d| {
                 format!("{} rows", d["row_count"])
             });
             Ok(())
         }
         Datasets::Show { reference, common } => {
-            let (_, store) = open(&common)?;
+            let (_, store) = common.open()?;
             let (name, version, _) = datasets::parse_ref(&reference)
                 .ok_or_else(|| anyhow::anyhow!("{reference:?}: expected name@version"))?;
             let doc = datasets::get(&store, name, version)?;
@@ -166,7 +150,7 @@ pub fn datasets(c: Datasets) -> Result<()> {
 pub fn capabilities(c: Capabilities) -> Result<()> {
     match c {
         Capabilities::Push { file, common } => {
-            let (_, mut store) = open(&common)?;
+            let (_, mut store) = common.open()?;
             let cap = Capability::from_file(&file)?;
             let pushed = capabilities::push(&mut store, &cap)?;
             if common.json {
@@ -181,14 +165,14 @@ pub fn capabilities(c: Capabilities) -> Result<()> {
             Ok(())
         }
         Capabilities::List(common) => {
-            let (_, store) = open(&common)?;
+            let (_, store) = common.open()?;
             table(&capabilities::list(&store)?, common.json, |d| {
                 format!("{} tools", d["tools"].as_array().map(Vec::len).unwrap_or(0))
             });
             Ok(())
         }
         Capabilities::Show { reference, common } => {
-            let (_, store) = open(&common)?;
+            let (_, store) = common.open()?;
             let (cap, digest) = capabilities::get(&store, &reference)?;
             let mut doc = serde_json::to_value(&cap)?;
             doc["digest"] = Value::String(digest);

@@ -146,25 +146,12 @@ pub fn get(store: &Store, reference: &str) -> Result<(Capability, String), JobEr
     let (name, version) = reference.split_once('@').ok_or_else(|| {
         JobError::Invalid(format!("capability {reference:?}: expected name@version"))
     })?;
-    let doc = store.registry_get(KIND, name, version)?.ok_or_else(|| {
-        let known: Vec<String> = store
-            .registry_list(KIND, Some(name))
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|d| d["version"].as_str().map(String::from))
-            .collect();
-        JobError::NotFound(if known.is_empty() {
-            format!(
-                "capability {reference}: no capability named {name:?} is published \
-                 (`whet capabilities push capability.yaml`)"
-            )
-        } else {
-            format!(
-                "capability {reference} is not published; published versions: {}",
-                known.join(", ")
-            )
-        })
-    })?;
+    let doc = store.registry_require(
+        KIND,
+        name,
+        version,
+        "whet capabilities push capability.yaml",
+    )?;
     let digest = doc["digest"].as_str().unwrap_or_default().to_string();
     let mut body = doc;
     if let Some(m) = body.as_object_mut() {

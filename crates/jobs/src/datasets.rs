@@ -384,22 +384,7 @@ pub fn parse_ref(reference: &str) -> Option<(&str, &str, Option<&str>)> {
 
 /// The document of a published dataset `name@version`.
 pub fn get(store: &Store, name: &str, version: &str) -> Result<Value, JobError> {
-    store.registry_get(KIND, name, version)?.ok_or_else(|| {
-        let known: Vec<String> = store
-            .registry_list(KIND, Some(name))
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|d| d["version"].as_str().map(String::from))
-            .collect();
-        JobError::NotFound(if known.is_empty() {
-            format!("dataset {name}@{version}: no dataset named {name:?} is published (`whet datasets push`)")
-        } else {
-            format!(
-                "dataset {name}@{version} is not published; published versions: {}",
-                known.join(", ")
-            )
-        })
-    })
+    store.registry_require(KIND, name, version, "whet datasets push PATH")
 }
 
 /// Every published dataset version.

@@ -7,6 +7,7 @@
 pub mod capabilities;
 pub mod datasets;
 pub mod home;
+mod records;
 pub mod spec;
 pub mod store;
 
