@@ -61,6 +61,13 @@ enum Command {
 }
 
 fn main() {
+    // `whet jobs list --json | head -1`: a closed pipe ends the program quietly, as it does
+    // for other command-line tools, instead of a panic on the next print.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     whet::runtime::init();
     let cli = Cli::parse();
     let level = match cli.verbose {

@@ -169,6 +169,17 @@ pub fn submit(
     preview: usize,
     retry_of: Option<&str>,
 ) -> Result<Value> {
+    // Paths in the record are absolute: a worker may run the job from anywhere.
+    let mut spec = spec.clone();
+    if let Ok(abs) = std::fs::canonicalize(&spec.model) {
+        spec.model = abs.display().to_string();
+    }
+    if let Some(a) = &spec.lora.init_adapter {
+        if let Ok(abs) = std::fs::canonicalize(a) {
+            spec.lora.init_adapter = Some(abs);
+        }
+    }
+    let spec = &spec;
     let id = new_id(&spec.name);
     let dir = home.run_dir(&id);
     let mut record = json!({
@@ -177,7 +188,10 @@ pub fn submit(
         "name": spec.name,
         "backend": "local",
         "trainer_type": "sft",
+        "algorithm": null,
         "model": spec.model,
+        "prompt_dataset_ref": null,
+        "world_manifest_id": null,
         "precision": precision.to_string(),
         "preview_prompts": preview,
         "config": spec,

@@ -299,3 +299,50 @@ fn a_job_from_a_peft_adapter_reproduces_torch_step_by_step() {
         }
     }
 }
+
+/// Regression: a job submitted with a relative model path recorded it as given, so a worker
+/// started elsewhere could not find the model. Records hold absolute paths.
+#[test]
+fn a_queued_job_records_absolute_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let out = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .current_dir(root().join("tests"))
+        .args([
+            "train",
+            "sft",
+            "--model",
+            "fixtures/tiny-llama",
+            "--dataset",
+        ])
+        .args(["fixtures/tiny-llama/datums.jsonl", "--format", "datums"])
+        .args([
+            "--init-adapter",
+            "fixtures/tiny-llama/adapter",
+            "--detach",
+            "--json",
+        ])
+        .args(["--home", s(&home)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&String::from_utf8_lossy(&out.stdout));
+    let model = std::path::PathBuf::from(r["model"].as_str().unwrap());
+    assert!(
+        model.is_absolute() && model.join("config.json").is_file(),
+        "{r}"
+    );
+    let adapter = r["config"]["lora"]["init_adapter"].as_str().unwrap();
+    assert!(std::path::Path::new(adapter).is_absolute(), "{r}");
+    // And the worker, elsewhere, runs it.
+    ok(&["worker", "--once", "--home", s(&home)]);
+    let id = r["id"].as_str().unwrap();
+    assert_eq!(
+        json(&ok(&["jobs", "get", id, "--home", s(&home), "--json"]))["status"],
+        "completed"
+    );
+}
