@@ -8,9 +8,10 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use whet_jobs::{Cancel, Home, JobSpec, TERMINAL};
 
+use crate::backend;
 use crate::common::HomeArgs;
-use crate::runner;
 use crate::train_cmd::{queued, report};
+use whet_jobs::runner;
 
 /// `whet jobs …`.
 #[derive(clap::Subcommand)]
@@ -257,17 +258,24 @@ pub fn run(c: Command) -> Result<()> {
                 ),
             }
             let spec: JobSpec = serde_json::from_value(old["config"].clone())?;
-            let precision = old["precision"].as_str().unwrap_or("f32").parse()?;
-            let record =
-                runner::submit(&home, &mut store, &spec, precision, preview, Some(&job.id))?;
+            let precision = old["precision"].as_str().unwrap_or("f32").to_string();
+            let record = runner::submit(
+                &home,
+                &mut store,
+                &mut backend::Local::default(),
+                &spec,
+                &precision,
+                preview,
+                Some(&job.id),
+            )?;
             drop(store);
             if detach {
                 return queued(&record, job.common.json);
             }
-            crate::progress::catch_interrupts();
+            backend::catch_interrupts();
             let id = record["id"].as_str().unwrap_or_default().to_string();
             report(
-                &runner::run_job(&home, &id, job.common.json)?,
+                &backend::run_job(&home, &id, job.common.json)?,
                 job.common.json,
             )
         }
@@ -288,9 +296,9 @@ pub fn run(c: Command) -> Result<()> {
             if detach {
                 return queued(&record, job.common.json);
             }
-            crate::progress::catch_interrupts();
+            backend::catch_interrupts();
             report(
-                &runner::run_job(&home, &job.id, job.common.json)?,
+                &backend::run_job(&home, &job.id, job.common.json)?,
                 job.common.json,
             )
         }
@@ -369,8 +377,8 @@ fn wait(job: &Job, timeout: Option<f64>) -> Result<()> {
 /// Runs queued jobs one after another in this process.
 pub fn worker(a: WorkerArgs) -> Result<()> {
     let (home, mut store) = a.common.open()?;
-    crate::progress::catch_interrupts();
-    let cancel = || crate::progress::CANCEL.load(std::sync::atomic::Ordering::SeqCst);
+    backend::catch_interrupts();
+    let cancel = || backend::CANCEL.load(std::sync::atomic::Ordering::SeqCst);
     loop {
         if cancel() {
             return Ok(());
@@ -383,7 +391,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             continue;
         };
         eprintln!("{id}: running");
-        match runner::run_job(&home, &id, true) {
+        match backend::run_job(&home, &id, true) {
             Ok(record) => {
                 let status = record["status"].as_str().unwrap_or("unknown");
                 if a.common.json {

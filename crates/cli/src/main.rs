@@ -1,14 +1,13 @@
 //! `whet`: train and sample LLM adapters locally with Tinker's contract.
 
 mod adapter_cmd;
+mod backend;
 mod common;
 mod data_cmd;
 mod jobs_cmd;
 mod logprobs_cmd;
 mod model_cmd;
-mod progress;
 mod registry_cmd;
-mod runner;
 mod sample_cmd;
 mod train_cmd;
 mod train_flags;

@@ -9,7 +9,7 @@ use serde_json::Value;
 use whet_engine::Precision;
 use whet_jobs::{Home, JobSpec, Store};
 
-use crate::runner;
+use crate::backend;
 use crate::train_flags::Flags;
 
 /// Arguments of `whet train`.
@@ -58,11 +58,12 @@ pub fn run(a: Args) -> Result<()> {
     };
     let home = Home::resolve(a.run.home.clone())?;
     let mut store = Store::open(&home.db())?;
-    let record = runner::submit(
+    let record = whet_jobs::runner::submit(
         &home,
         &mut store,
+        &mut backend::Local::default(),
         &spec,
-        a.run.precision,
+        &a.run.precision.to_string(),
         a.run.preview,
         None,
     )?;
@@ -71,8 +72,8 @@ pub fn run(a: Args) -> Result<()> {
     if a.detach {
         return queued(&record, a.run.json);
     }
-    crate::progress::catch_interrupts();
-    let record = runner::run_job(&home, &id, a.run.json)?;
+    backend::catch_interrupts();
+    let record = backend::run_job(&home, &id, a.run.json)?;
     report(&record, a.run.json)
 }
 

@@ -1,13 +1,17 @@
 //! Training jobs and the home they live in: the job file (`JOB.toml`), the home's store (one
 //! SQLite database and content-addressed blobs), the dataset and capability registries, and
-//! the job record with its lifecycle `queued → running → completed | failed | cancelled`.
+//! the runner: a job's record with its lifecycle `queued → running → completed | failed |
+//! cancelled`, trained through a [`Backend`] (the engine in process, or a remote service) with
+//! the SFT loop, its metrics and log in the store.
 
 #![warn(missing_docs)]
 
 pub mod capabilities;
 pub mod datasets;
 pub mod home;
+pub mod recorder;
 mod records;
+pub mod runner;
 pub mod spec;
 pub mod store;
 
@@ -16,6 +20,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use capabilities::Capability;
 pub use home::Home;
+pub use recorder::{Display, Quiet};
+pub use runner::{Backend, BaseModel};
 pub use spec::{DataSpec, JobSpec, LoraSpec, Shape};
 pub use store::{Cancel, Pushed, Store, TERMINAL};
 
@@ -53,6 +59,15 @@ pub enum JobError {
     /// Rows that cannot be read.
     #[error(transparent)]
     Data(#[from] whet_data::DataError),
+    /// Rows that cannot be trained on, or a schedule that cannot work.
+    #[error(transparent)]
+    Sft(#[from] whet_sft::SftError),
+    /// The training backend refused a request.
+    #[error(transparent)]
+    Contract(#[from] whet_contract::ContractError),
+    /// The training backend failed (loading the model, starting a session).
+    #[error("{0}")]
+    Backend(String),
 }
 
 impl JobError {

@@ -204,6 +204,29 @@ impl JobSpec {
         if self.lora.rank == 0 {
             return Err("`lora.rank` must be at least 1".into());
         }
+        const PROJECTIONS: [&str; 7] = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        if self.lora.target_modules.is_empty() {
+            return Err("`lora.target_modules` is empty".into());
+        }
+        if let Some(t) = self
+            .lora
+            .target_modules
+            .iter()
+            .find(|t| !PROJECTIONS.contains(&t.as_str()))
+        {
+            return Err(format!(
+                "`lora.target_modules`: {t:?} is not one of {}",
+                PROJECTIONS.join(", ")
+            ));
+        }
         if !(0.0..1.0).contains(&self.lora.dropout) {
             return Err("`lora.dropout` must be in [0, 1)".into());
         }
@@ -288,6 +311,12 @@ checkpoint_interval = 50
         assert!(e.contains("shape") || e.contains("dpo"), "{e}");
         let e = JobSpec::from_toml(&format!("{MINIMAL}[lora]\nrank = 0\n")).unwrap_err();
         assert!(e.contains("lora.rank"), "{e}");
+        let e = JobSpec::from_toml(&format!("{MINIMAL}[lora]\ntarget_modules = [\"qproj\"]\n"))
+            .unwrap_err();
+        assert!(
+            e.contains("lora.target_modules") && e.contains("qproj"),
+            "{e}"
+        );
         let e = JobSpec::from_toml(&MINIMAL.replace("rows.jsonl", "")).unwrap_err();
         assert!(e.contains("data.dataset"), "{e}");
         let e = JobSpec::from_toml(&format!("capability = \"support\"\n{MINIMAL}")).unwrap_err();

@@ -2,19 +2,50 @@
 //! capability resolved), then — in the foreground, or in a `whet worker` — checking every row
 //! and loading the model before any compute, training from its last checkpoint (if any) to the
 //! end, and leaving the final record. Whatever goes wrong after submission, the record says why.
+//!
+//! Training goes through a [`Backend`]: the engine in process (the `whet` binary's), or — the
+//! same job, unchanged — a remote service speaking the Tinker contract.
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use whet_data::{Format, Row, Scaffold};
-use whet_engine::{ModelSource, Precision, TrainingSession};
-use whet_jobs::{capabilities, datasets, Home, JobSpec, Shape, Store};
-use whet_lora::{LoraConfig, Target};
+use whet_contract::TrainingClient;
+use whet_data::{Format, Row, Scaffold, Tokenizer};
 use whet_sft::Rendering;
 
-use crate::common;
-use crate::progress::{checkpoints_of, Progress};
+use crate::recorder::{checkpoints_of, Display, Recorder};
+use crate::{capabilities, datasets, Home, JobError, JobSpec, LoraSpec, Shape, Store};
+
+/// The base model of a job, loaded.
+pub struct BaseModel {
+    /// Its tokenizer (loaded when the job has conversations to render).
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Its context length: the default `max_length` of a row.
+    pub context_length: usize,
+}
+
+/// What trains: the engine in process, or a remote Tinker-protocol service.
+pub trait Backend {
+    /// Checks that `model` can be loaded (cheaply: it exists, it is a supported kind), at
+    /// submission, so a job naming a missing model fails before it is queued.
+    fn check_model(&mut self, model: &str) -> Result<(), JobError>;
+    /// Loads the base model in `precision` ("f32" or "bf16"), with its tokenizer if asked.
+    fn load_model(
+        &mut self,
+        model: &str,
+        precision: &str,
+        with_tokenizer: bool,
+    ) -> Result<BaseModel, JobError>;
+    /// A training client on the loaded model: a new LoRA as `lora` says, or its
+    /// `init_adapter`; checkpoints are saved under `checkpoints`.
+    fn training_client(
+        &mut self,
+        lora: &LoraSpec,
+        checkpoints: &Path,
+    ) -> Result<Box<dyn TrainingClient>, JobError>;
+}
 
 /// Prompts for the preview: each conversation up to its last assistant message.
 fn preview_prompts(rows: &[(usize, Row)], n: usize) -> Vec<Vec<Value>> {
@@ -32,12 +63,12 @@ fn preview_prompts(rows: &[(usize, Row)], n: usize) -> Vec<Vec<Value>> {
 
 /// Greedy answers (up to 48 tokens) of the session's current weights.
 fn answers(
-    session: &mut TrainingSession,
-    tok: &whet_data::Tokenizer,
+    session: &mut dyn TrainingClient,
+    tok: &Tokenizer,
     prompts: &[Vec<Value>],
     scaffold: &Scaffold<'_>,
-) -> Result<Vec<String>> {
-    use whet_contract::{ModelInput, SamplingParams, TrainingClient};
+) -> Result<Vec<String>, JobError> {
+    use whet_contract::{ModelInput, SamplingParams};
     let sampler = session.sampling_client()?;
     let params = SamplingParams {
         max_tokens: Some(48),
@@ -63,30 +94,6 @@ fn answers(
         .collect()
 }
 
-fn lora_config(spec: &JobSpec) -> Result<LoraConfig> {
-    let target_modules = spec
-        .lora
-        .target_modules
-        .iter()
-        .map(|t| {
-            serde_json::from_value::<Target>(Value::String(t.clone())).map_err(|_| {
-                anyhow::anyhow!(
-                    "lora.target_modules: {t:?} is not one of q_proj, k_proj, v_proj, o_proj, \
-                     gate_proj, up_proj, down_proj"
-                )
-            })
-        })
-        .collect::<Result<_>>()?;
-    Ok(LoraConfig {
-        rank: spec.lora.rank,
-        alpha: spec.lora.alpha,
-        dropout: spec.lora.dropout,
-        seed: spec.lora.seed,
-        target_modules,
-        ..LoraConfig::default()
-    })
-}
-
 /// A new job id: the name's slug and the submission time in microseconds (hex).
 fn new_id(name: &str) -> String {
     let slug: String = name
@@ -108,29 +115,34 @@ fn new_id(name: &str) -> String {
 }
 
 /// Marks a job failed with `error` (record and log), keeping everything it had.
-pub fn fail(store: &mut Store, record: &mut Value, error: &str) -> Result<()> {
+pub fn fail(store: &mut Store, record: &mut Value, error: &str) -> Result<(), JobError> {
     record["status"] = json!("failed");
     record["error"] = json!(error);
-    record["completed_at"] = json!(whet_jobs::now_rfc3339());
+    record["completed_at"] = json!(crate::now_rfc3339());
     store.save_job(record)?;
     let id = record["id"].as_str().unwrap_or_default().to_string();
     let data = json!({"event": "training_error"});
-    store.log(&id, &whet_jobs::now_rfc3339(), "error", error, &data)?;
-    Ok(())
+    store.log(&id, &crate::now_rfc3339(), "error", error, &data)
 }
 
 /// Pins the job's data and resolves its capability: `dataset`, `eval_dataset` and
 /// `trajectory_datasets` become `name@version:split` of the registry (plain files are published
 /// first, pinned by hash). Returns the resolved spec and the record's reference fields.
-fn resolve_refs(home: &Home, store: &mut Store, spec: &JobSpec) -> Result<(JobSpec, Value)> {
+fn resolve_refs(
+    home: &Home,
+    store: &mut Store,
+    backend: &mut dyn Backend,
+    spec: &JobSpec,
+) -> Result<(JobSpec, Value), JobError> {
     if spec.shape != Shape::Sft {
-        bail!("shape = \"rl\": RL jobs are not available yet");
+        return Err(JobError::Invalid(
+            "shape = \"rl\": RL jobs are not available yet".into(),
+        ));
     }
-    ModelSource::resolve(&spec.model).with_context(|| format!("model {:?}", spec.model))?;
-    lora_config(spec)?;
+    backend.check_model(&spec.model)?;
     let mut out = spec.clone();
     let format = spec.data.format;
-    let pin = |store: &mut Store, what: &str, s: &str, f: Format| -> Result<String> {
+    let pin = |store: &mut Store, what: &str, s: &str, f: Format| -> Result<String, JobError> {
         let r = datasets::resolve_or_pin(home, store, what, s, f)?;
         Ok(format!("{}:{}", r.reference, r.split))
     };
@@ -150,7 +162,7 @@ fn resolve_refs(home: &Home, store: &mut Store, spec: &JobSpec) -> Result<(JobSp
         .trajectory_datasets
         .iter()
         .map(|t| pin(store, "data.trajectory_datasets", t, Format::Trajectories))
-        .collect::<Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     refs["trajectory_dataset_refs"] = json!(out.data.trajectory_datasets);
     if let Some(c) = &spec.capability {
         let (cap, digest) = capabilities::get(store, c)?;
@@ -160,15 +172,16 @@ fn resolve_refs(home: &Home, store: &mut Store, spec: &JobSpec) -> Result<(JobSp
 }
 
 /// Records a new job (`queued`) and pins its inputs. A job whose inputs cannot be resolved is
-/// recorded as failed, with the reason, and this returns the error.
+/// recorded as failed, with the reason, and this returns the error (naming the job).
 pub fn submit(
     home: &Home,
     store: &mut Store,
+    backend: &mut dyn Backend,
     spec: &JobSpec,
-    precision: Precision,
+    precision: &str,
     preview: usize,
     retry_of: Option<&str>,
-) -> Result<Value> {
+) -> Result<Value, JobError> {
     // Paths in the record are absolute: a worker may run the job from anywhere.
     let mut spec = spec.clone();
     if let Ok(abs) = std::fs::canonicalize(&spec.model) {
@@ -179,7 +192,6 @@ pub fn submit(
             spec.lora.init_adapter = Some(abs);
         }
     }
-    let spec = &spec;
     let id = new_id(&spec.name);
     let dir = home.run_dir(&id);
     let mut record = json!({
@@ -192,7 +204,7 @@ pub fn submit(
         "model": spec.model,
         "prompt_dataset_ref": null,
         "world_manifest_id": null,
-        "precision": precision.to_string(),
+        "precision": precision,
         "preview_prompts": preview,
         "config": spec,
         "tags": spec.tags,
@@ -200,25 +212,25 @@ pub fn submit(
         "artifacts": {"run_dir": dir.display().to_string(), "checkpoints": [], "final_adapter": null},
         "error": null,
         "retry_of": retry_of,
-        "created_at": whet_jobs::now_rfc3339(),
+        "created_at": crate::now_rfc3339(),
         "started_at": null,
         "completed_at": null,
     });
-    store.create_job(&record, whet_jobs::now_unix())?;
-    match resolve_refs(home, store, spec) {
+    store.create_job(&record, crate::now_unix())?;
+    match resolve_refs(home, store, backend, &spec) {
         Ok((resolved, refs)) => {
             if let (Some(r), Some(refs)) = (record.as_object_mut(), refs.as_object()) {
                 r.extend(refs.clone());
             }
             record["config"] = json!(resolved);
             store.save_job(&record)?;
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(&dir).map_err(|e| JobError::io(&dir, e))?;
             Ok(record)
         }
         Err(e) => {
-            let msg = format!("{e:#}");
+            let msg = e.to_string();
             fail(store, &mut record, &msg)?;
-            bail!("job {id} failed: {msg}")
+            Err(JobError::Invalid(format!("job {id} failed: {msg}")))
         }
     }
 }
@@ -231,7 +243,7 @@ struct Prepared {
     eval: Vec<whet_sft::Example>,
     report: whet_sft::Prepared,
     plan: whet_sft::Plan,
-    loaded: common::Loaded,
+    tokenizer: Option<Arc<Tokenizer>>,
     system_prompt: Option<String>,
     tools: Vec<Value>,
 }
@@ -239,9 +251,10 @@ struct Prepared {
 fn prepare(
     home: &Home,
     store: &mut Store,
+    backend: &mut dyn Backend,
     spec: JobSpec,
-    precision: Precision,
-) -> Result<Prepared> {
+    precision: &str,
+) -> Result<Prepared, JobError> {
     let (system_prompt, tools) = match &spec.capability {
         Some(c) => {
             let (cap, _) = capabilities::get(store, c)?;
@@ -249,7 +262,6 @@ fn prepare(
         }
         None => (None, vec![]),
     };
-    lora_config(&spec)?;
     // Every source's rows, read from the home (checked against their pinned sha256).
     let mut sources = Vec::new();
     if !spec.data.dataset.is_empty() {
@@ -279,18 +291,15 @@ fn prepare(
         .chain(&eval_src)
         .flat_map(|(_, rows)| rows)
         .any(|(_, r)| matches!(r, Row::Chat(_)));
-    let loaded = common::load(&spec.model, precision, chats)?;
-    let tok = loaded.tokenizer.as_deref();
+    let base = backend.load_model(&spec.model, precision, chats)?;
+    let tok = base.tokenizer.as_deref();
     let rendering = Rendering {
         scaffold: Scaffold {
             system_prompt: system_prompt.as_deref(),
             tools: &tools,
         },
         train_on: spec.data.train_on,
-        max_length: spec
-            .data
-            .max_length
-            .unwrap_or(loaded.model.config.max_position_embeddings),
+        max_length: spec.data.max_length.unwrap_or(base.context_length),
         overflow: spec.data.overflow,
     };
     let mut examples = Vec::new();
@@ -319,44 +328,23 @@ fn prepare(
         eval,
         report,
         plan,
-        loaded,
+        tokenizer: base.tokenizer,
         system_prompt,
         tools,
     })
 }
 
-/// A fresh session: the job's new LoRA, or its `init_adapter`.
-fn new_session(p: &Prepared, ckpt: &Path) -> Result<TrainingSession> {
-    let loaded = &p.loaded;
-    Ok(match &p.spec.lora.init_adapter {
-        Some(dir) => TrainingSession::with_adapter(
-            loaded.model.clone(),
-            &p.spec.model,
-            common::load_adapter(loaded, dir)?,
-            ckpt,
-            common::sampler_options(loaded),
-        ),
-        None => TrainingSession::new(
-            loaded.model.clone(),
-            &p.spec.model,
-            lora_config(&p.spec)?,
-            ckpt,
-            common::sampler_options(loaded),
-        )?,
-    })
-}
-
 /// Holds `runs/<id>/lock` while a process runs the job; the lock dies with the process, so a
 /// job marked `running` whose lock is free was killed.
-pub fn lock(home: &Home, id: &str) -> Result<Option<std::fs::File>> {
+pub fn lock(home: &Home, id: &str) -> Result<Option<std::fs::File>, JobError> {
     let dir = home.run_dir(id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| JobError::io(&dir, e))?;
     let path = dir.join("lock");
-    let file = std::fs::File::create(&path).with_context(|| format!("{}", path.display()))?;
+    let file = std::fs::File::create(&path).map_err(|e| JobError::io(&path, e))?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(e).context(format!("{}", path.display())),
+        Err(std::fs::TryLockError::Error(e)) => Err(JobError::io(&path, e)),
     }
 }
 
@@ -367,57 +355,75 @@ pub fn runner_alive(home: &Home, id: &str) -> bool {
 
 /// Runs job `id` (queued, or claimed as running) in this process, from its last checkpoint,
 /// and returns its final record — completed, failed or cancelled. Errors only when the job
-/// cannot be started at all (another process runs it, it already ended).
-pub fn run_job(home: &Home, id: &str, quiet: bool) -> Result<Value> {
+/// cannot be started at all (another process runs it, it already ended). `interrupted` (set
+/// by Ctrl-C) stops it after the step in progress, as `whet jobs cancel` does.
+pub fn run_job(
+    home: &Home,
+    backend: &mut dyn Backend,
+    id: &str,
+    display: &mut dyn Display,
+    interrupted: &AtomicBool,
+) -> Result<Value, JobError> {
     let mut store = Store::open(&home.db())?;
     let Some(_lock) = lock(home, id)? else {
-        bail!("job {id} is being run by another process");
+        return Err(JobError::Invalid(format!(
+            "job {id} is being run by another process"
+        )));
     };
     if !store.transition(id, &["queued", "running"], "running")? {
         let status = store.job(id)?["status"].clone();
-        bail!("job {id} is {status}: nothing to run");
+        return Err(JobError::Invalid(format!(
+            "job {id} is {status}: nothing to run"
+        )));
     }
     let mut record = store.job(id)?;
     if record["started_at"].is_null() {
-        record["started_at"] = json!(whet_jobs::now_rfc3339());
+        record["started_at"] = json!(crate::now_rfc3339());
     }
     record["error"] = Value::Null;
     record["runner"] = json!({"pid": std::process::id()});
     store.save_job(&record)?;
-    let spec: JobSpec = serde_json::from_value(record["config"].clone())
-        .with_context(|| format!("job {id}: its stored config"))?;
-    let precision: Precision = record["precision"].as_str().unwrap_or("f32").parse()?;
-    let p = match prepare(home, &mut store, spec, precision) {
-        Ok(p) => p,
-        Err(e) => {
-            fail(&mut store, &mut record, &format!("{e:#}"))?;
-            return Ok(record);
-        }
-    };
-    let result = train(home, &mut store, &mut record, &p, quiet);
-    if let Err(e) = result {
-        fail(&mut store, &mut record, &format!("{e:#}"))?;
+    let outcome = serde_json::from_value::<JobSpec>(record["config"].clone())
+        .map_err(|e| JobError::Invalid(format!("job {id}: its stored config: {e}")))
+        .and_then(|spec| {
+            let precision = record["precision"].as_str().unwrap_or("f32").to_string();
+            prepare(home, &mut store, backend, spec, &precision)
+        })
+        .and_then(|p| {
+            train(
+                home,
+                &mut store,
+                backend,
+                &mut record,
+                &p,
+                display,
+                interrupted,
+            )
+        });
+    if let Err(e) = outcome {
+        fail(&mut store, &mut record, &e.to_string())?;
     }
-    Ok(store.job(id).unwrap_or(record))
+    store.job(id)
 }
 
 /// Trains from the last checkpoint to the end; leaves the final record in the store.
 fn train(
     home: &Home,
     store: &mut Store,
+    backend: &mut dyn Backend,
     record: &mut Value,
     p: &Prepared,
-    quiet: bool,
-) -> Result<()> {
+    display: &mut dyn Display,
+    interrupted: &AtomicBool,
+) -> Result<(), JobError> {
     let id = record["id"].as_str().unwrap_or_default().to_string();
-    let mut session = new_session(p, &home.run_dir(&id).join("checkpoints"))?;
-    let checkpoints = checkpoints_of(record);
-    let start = match checkpoints.last() {
+    let mut session =
+        backend.training_client(&p.spec.lora, &home.run_dir(&id).join("checkpoints"))?;
+    let start = match checkpoints_of(record).last() {
         Some(c) => {
-            use whet_contract::TrainingClient;
             session
                 .load_state_with_optimizer(&c.state)
-                .with_context(|| format!("loading checkpoint {}", c.state))?;
+                .map_err(|e| JobError::Invalid(format!("loading checkpoint {}: {e}", c.state)))?;
             c.step
         }
         None => 0,
@@ -429,29 +435,29 @@ fn train(
         system_prompt: p.system_prompt.as_deref(),
         tools: &p.tools,
     };
-    let tok = p.loaded.tokenizer.as_deref();
+    let tok = p.tokenizer.as_deref();
     let n_preview = record["preview_prompts"].as_u64().unwrap_or(0) as usize;
     let prompts = match tok {
         Some(_) if n_preview > 0 => preview_prompts(&p.preview_rows, n_preview),
         _ => vec![],
     };
     let before = match tok {
-        Some(t) if !prompts.is_empty() => answers(&mut session, t, &prompts, &scaffold)?,
+        Some(t) if !prompts.is_empty() => answers(session.as_mut(), t, &prompts, &scaffold)?,
         _ => vec![],
     };
-    let mut progress = Progress::new(store, record.clone(), p.plan.total_steps(), quiet);
-    progress.bar.set_position(start as u64);
-    progress.save()?;
+    let total = p.plan.total_steps();
+    let mut recorder = Recorder::new(store, record.clone(), display, interrupted);
+    recorder.display().start(total, start);
+    recorder.save()?;
     let (message, data) = if start == 0 {
         (
             format!(
-                "training {} on {} rows, {} steps",
+                "training {} on {} rows, {total} steps",
                 p.spec.model,
-                p.examples.len(),
-                p.plan.total_steps()
+                p.examples.len()
             ),
             json!({"event": "training_start", "rows": p.examples.len(), "tokens": p.report.tokens,
-                   "trained_tokens": p.report.trained_tokens, "steps": p.plan.total_steps()}),
+                   "trained_tokens": p.report.trained_tokens, "steps": total}),
         )
     } else {
         (
@@ -459,29 +465,30 @@ fn train(
             json!({"event": "training_start", "resumed_from_step": start}),
         )
     };
-    progress.log("info", message, data);
+    recorder.log("info", message, data);
     let result = whet_sft::train(
-        &mut session,
+        session.as_mut(),
         &p.examples,
         &p.eval,
         &p.spec.optimizer,
         &p.spec.schedule,
         start,
-        &mut progress,
+        &mut recorder,
     );
-    progress.bar.finish_and_clear();
+    recorder.display().finish();
     let outcome = match result {
         Ok(o) => o,
         Err(e) => {
-            *record = progress.record.clone();
-            record["artifacts"]["checkpoints"] = json!(progress.checkpoints);
+            // Keep what the run reached: its checkpoints and eval loss.
+            *record = recorder.record.clone();
+            record["artifacts"]["checkpoints"] = json!(recorder.checkpoints);
             return Err(e.into());
         }
     };
     let cancelled = outcome.stopped;
     let after = match tok {
         Some(t) if !cancelled && !prompts.is_empty() => {
-            answers(&mut session, t, &prompts, &scaffold)?
+            answers(session.as_mut(), t, &prompts, &scaffold)?
         }
         _ => vec![],
     };
@@ -493,34 +500,35 @@ fn train(
             json!({"prompt": question, "before": b, "after": a})
         })
         .collect();
+    let steps = outcome.steps;
     let (level, message, data) = if cancelled {
         (
             "warn",
-            format!("cancelled after step {}", outcome.steps),
-            json!({"event": "training_end", "steps": outcome.steps, "cancelled": true}),
+            format!("cancelled after step {steps}"),
+            json!({"event": "training_end", "steps": steps, "cancelled": true}),
         )
     } else {
         (
             "info",
-            format!("completed {} steps", outcome.steps),
-            json!({"event": "training_end", "steps": outcome.steps}),
+            format!("completed {steps} steps"),
+            json!({"event": "training_end", "steps": steps}),
         )
     };
-    progress.log(level, message, data);
-    let final_adapter = progress
+    recorder.log(level, message, data);
+    let final_adapter = recorder
         .checkpoints
         .last()
         .filter(|_| !cancelled)
         .map(|c| c.adapter.clone());
-    let mut r = progress.record.clone();
+    let mut r = recorder.record.clone();
     r["status"] = json!(if cancelled { "cancelled" } else { "completed" });
-    r["metrics"] = json!(progress.last);
-    r["artifacts"]["checkpoints"] = json!(progress.checkpoints);
+    r["metrics"] = json!(recorder.last);
+    r["artifacts"]["checkpoints"] = json!(recorder.checkpoints);
     r["artifacts"]["final_adapter"] = json!(final_adapter);
     r["preview"] = json!(preview);
-    r["completed_at"] = json!(whet_jobs::now_rfc3339());
-    progress.record = r.clone();
-    progress.save()?;
+    r["completed_at"] = json!(crate::now_rfc3339());
+    recorder.record = r.clone();
+    recorder.save()?;
     *record = r;
     Ok(())
 }
