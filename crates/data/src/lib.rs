@@ -19,6 +19,7 @@
 mod chat_template;
 mod datum;
 mod error;
+pub mod files;
 pub mod gguf;
 mod gguf_tokenizer;
 mod pyfmt;
@@ -29,6 +30,7 @@ mod tokenizer;
 pub use chat_template::ChatTemplate;
 pub use datum::read_datums_jsonl;
 pub use error::{DataError, Result};
+pub use files::{read_rows, read_values, scan_rows};
 pub use render::{render_conversation, Overflow, Rendered, Scaffold, TrainOn};
-pub use rows::{parse_row, read_rows, scan_rows, Conversation, Format, Row};
+pub use rows::{parse_row, Conversation, Format, Row};
 pub use tokenizer::Tokenizer;
