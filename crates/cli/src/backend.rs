@@ -10,7 +10,6 @@ use whet_contract::TrainingClient;
 use whet_engine::{ModelSource, Precision, TrainingSession};
 use whet_jobs::{BaseModel, JobError, LoraSpec};
 use whet_lora::{LoraConfig, Target};
-use whet_sft::StepMetrics;
 
 use crate::common;
 
@@ -139,16 +138,9 @@ impl whet_jobs::Display for Bar {
         self.0.set_position(position as u64);
     }
 
-    fn step(&mut self, m: &StepMetrics) {
-        self.0.set_position(m.step as u64);
-        let eval = m
-            .eval_loss
-            .map(|e| format!("  eval {e:.4}"))
-            .unwrap_or_default();
-        self.0.set_message(format!(
-            "loss {:.4}{eval}  {:.0} tok/s",
-            m.loss, m.tokens_per_second
-        ));
+    fn step(&mut self, step: usize, summary: &str) {
+        self.0.set_position(step as u64);
+        self.0.set_message(summary.to_string());
     }
 
     fn initial_eval(&mut self, eval_loss: f64) {

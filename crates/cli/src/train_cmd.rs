@@ -54,7 +54,10 @@ pub fn run(a: Args) -> Result<()> {
     let spec = match (&a.job, &a.flags) {
         (Some(file), _) => JobSpec::from_file(file)?,
         (None, Some(Flags::Sft(f))) => f.clone().spec()?,
-        (None, None) => bail!("give a job file, or `whet train sft --model M --dataset D ...`"),
+        (None, Some(Flags::Rl(f))) => f.clone().spec()?,
+        (None, None) => bail!(
+            "give a job file, or `whet train sft --model M --dataset D ...`, or `whet train rl ...`"
+        ),
     };
     let home = Home::resolve(a.run.home.clone())?;
     let mut store = Store::open(&home.db())?;

@@ -12,6 +12,8 @@ use whet_jobs::JobSpec;
 pub enum Flags {
     /// An SFT job from flags (the job file's keys; defaults as in a job file).
     Sft(SftFlags),
+    /// An RL job from flags (the job file's keys; defaults as in a job file).
+    Rl(RlFlags),
 }
 
 /// The SFT job file as flags.
@@ -134,6 +136,137 @@ impl SftFlags {
                 anyhow::anyhow!("--lr-schedule {l:?}: expected constant, linear or cosine")
             })?;
         }
+        s.check().map_err(anyhow::Error::msg)?;
+        Ok(s)
+    }
+}
+
+/// The RL job file as flags.
+#[derive(Clone, clap::Args)]
+pub struct RlFlags {
+    /// Base model: a Hugging Face directory, a .gguf file or a cached hub id.
+    #[arg(long)]
+    model: String,
+    /// Prompts: a published `name@version[:split]`, or a file.
+    #[arg(long)]
+    prompt_dataset: String,
+    /// Eval prompts (scored greedily).
+    #[arg(long)]
+    eval_dataset: Option<String>,
+    /// A name for the run.
+    #[arg(long, default_value = "rl")]
+    name: String,
+    /// Capability `name@version`: its system prompt and tools.
+    #[arg(long)]
+    capability: Option<String>,
+    /// Labels for the job (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Reward recipe: exact_match_v1, contains_v1, row_reward_v1, trajectory_imitation_v1,
+    /// task_verifier_v1, gsm8k_v1 or command_v1.
+    #[arg(long, default_value = "exact_match_v1")]
+    reward_recipe: String,
+    /// The recipe's parameters as JSON, e.g. '{"needle": "!"}'.
+    #[arg(long)]
+    reward_params: Option<String>,
+    /// importance_sampling, ppo, cispo or dro.
+    #[arg(long)]
+    algorithm: Option<String>,
+    /// Rollouts per prompt (the group).
+    #[arg(long)]
+    num_rollouts: Option<usize>,
+    /// Prompts per step.
+    #[arg(long)]
+    groups_per_step: Option<usize>,
+    /// Longest completion in tokens.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Sampling temperature.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// sync, one_step_off_async or fully_async.
+    #[arg(long)]
+    execution_mode: Option<String>,
+    /// Staleness bound of the async modes.
+    #[arg(long)]
+    max_steps_off_policy: Option<usize>,
+    /// LoRA rank.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Passes over the prompts.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// A cap on optimizer steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long)]
+    checkpoint_interval: Option<usize>,
+    /// Eval every N steps.
+    #[arg(long)]
+    eval_interval: Option<usize>,
+    /// Seed of the prompt order and the sampler.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl RlFlags {
+    /// The job these flags describe: a job file's defaults, overridden flag by flag.
+    pub fn spec(self) -> Result<JobSpec> {
+        let params: Value = match &self.reward_params {
+            Some(p) => serde_json::from_str(p)
+                .map_err(|e| anyhow::anyhow!("--reward-params: not JSON: {e}"))?,
+            None => Value::Null,
+        };
+        let mut rl = serde_json::Map::new();
+        let mut put = |k: &str, v: Value| {
+            if !v.is_null() {
+                rl.insert(k.to_string(), v);
+            }
+        };
+        put("algorithm", json!(self.algorithm));
+        put("num_rollouts", json!(self.num_rollouts));
+        put("groups_per_step", json!(self.groups_per_step));
+        put("max_new_tokens", json!(self.max_new_tokens));
+        put("temperature", json!(self.temperature));
+        put("execution_mode", json!(self.execution_mode));
+        put("max_steps_off_policy", json!(self.max_steps_off_policy));
+        let mut schedule = serde_json::Map::new();
+        let mut put = |k: &str, v: Value| {
+            if !v.is_null() {
+                schedule.insert(k.to_string(), v);
+            }
+        };
+        put("epochs", json!(self.epochs));
+        put("steps", json!(self.steps));
+        put("checkpoint_interval", json!(self.checkpoint_interval));
+        put("eval_interval", json!(self.eval_interval));
+        put("seed", json!(self.seed));
+        let mut lora = serde_json::Map::new();
+        if let Some(r) = self.lora_rank {
+            lora.insert("rank".into(), json!(r));
+        }
+        let mut optimizer = serde_json::Map::new();
+        if let Some(lr) = self.learning_rate {
+            optimizer.insert("learning_rate".into(), json!(lr));
+        }
+        let s: JobSpec = serde_json::from_value(json!({
+            "name": self.name,
+            "shape": "rl",
+            "model": self.model,
+            "capability": self.capability,
+            "tags": self.tags,
+            "data": {"prompt_dataset": self.prompt_dataset, "eval_dataset": self.eval_dataset},
+            "reward": {"recipe": self.reward_recipe, "params": params},
+            "rl": rl,
+            "schedule": schedule,
+            "lora": lora,
+            "optimizer": optimizer,
+        }))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         s.check().map_err(anyhow::Error::msg)?;
         Ok(s)
     }

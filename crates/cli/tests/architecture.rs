@@ -1,6 +1,6 @@
-//! The dependency arrows point one way (cli → engine → lora → contract; jobs → sft → data → contract), and
-//! the tensor library stays out of the crates that only move data and talk the contract — so
-//! they build and test without candle. Checked on the real graph (`cargo metadata`).
+//! The dependency arrows point one way (cli → engine → lora → contract; jobs → rl → sft → data →
+//! contract), and the tensor library stays out of the crates that only move data and talk the
+//! contract — so they build and test without candle. Checked on the real graph (`cargo metadata`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -98,11 +98,22 @@ fn dependency_arrows_point_one_way() {
         whet(&closure(&graph, "whet-sft")),
         set(&["whet-contract", "whet-data"])
     );
+    // RL reuses the SFT crate's optimizer, schedule and plan.
     assert_eq!(
-        whet(&closure(&graph, "whet-jobs")),
+        whet(&closure(&graph, "whet-rl")),
         set(&["whet-contract", "whet-data", "whet-sft"])
     );
-    for light in ["whet-contract", "whet-data", "whet-sft", "whet-jobs"] {
+    assert_eq!(
+        whet(&closure(&graph, "whet-jobs")),
+        set(&["whet-contract", "whet-data", "whet-sft", "whet-rl"])
+    );
+    for light in [
+        "whet-contract",
+        "whet-data",
+        "whet-sft",
+        "whet-rl",
+        "whet-jobs",
+    ] {
         let deps = closure(&graph, light);
         assert!(
             !deps.iter().any(|d| d.starts_with("candle")),

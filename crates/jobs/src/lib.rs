@@ -11,6 +11,7 @@ pub mod datasets;
 pub mod home;
 pub mod recorder;
 mod records;
+mod rl_run;
 pub mod runner;
 pub mod spec;
 pub mod store;

@@ -14,8 +14,8 @@ use crate::{JobError, Store};
 pub trait Display {
     /// Training starts (or resumes) at `position` of `total` steps.
     fn start(&mut self, _total: usize, _position: usize) {}
-    /// A step ended.
-    fn step(&mut self, _metrics: &StepMetrics) {}
+    /// Step `step` ended; `summary` is its metrics in a few words (loss, reward, speed).
+    fn step(&mut self, _step: usize, _summary: &str) {}
     /// The eval loss before training.
     fn initial_eval(&mut self, _eval_loss: f64) {}
     /// Training ended (the display can go).
@@ -88,14 +88,16 @@ impl<'s> Recorder<'s> {
         }
     }
 
-    fn metrics(&mut self, step: usize, row: &Value) {
+    /// Records a metrics row.
+    pub fn metrics(&mut self, step: usize, row: &Value) {
         let id = self.id();
         if let Err(e) = self.store.put_metrics(&id, step, row) {
             tracing::warn!("writing the metrics of {id}: {e}");
         }
     }
 
-    fn cancel_requested(&self) -> bool {
+    /// Whether the job should stop (Ctrl-C here, `whet jobs cancel` anywhere).
+    pub fn cancel_requested(&self) -> bool {
         self.interrupted.load(Ordering::SeqCst)
             || self.store.cancel_requested(&self.id()).unwrap_or(false)
     }
@@ -103,7 +105,12 @@ impl<'s> Recorder<'s> {
 
 impl Observer for Recorder<'_> {
     fn on_step(&mut self, m: &StepMetrics) -> Control {
-        self.display.step(m);
+        let eval = m
+            .eval_loss
+            .map(|e| format!("  eval {e:.4}"))
+            .unwrap_or_default();
+        let summary = format!("loss {:.4}{eval}  {:.0} tok/s", m.loss, m.tokens_per_second);
+        self.display.step(m.step, &summary);
         self.metrics(m.step, &json!(m));
         self.last = Some(m.clone());
         let data = json!({"event": "step_complete", "metrics": m});
@@ -123,7 +130,9 @@ impl Observer for Recorder<'_> {
     fn on_checkpoint(&mut self, c: &Checkpoint) {
         self.checkpoints.push(c.clone());
         self.record["artifacts"]["checkpoints"] = json!(self.checkpoints);
-        self.record["metrics"] = json!(self.last);
+        if let Some(last) = &self.last {
+            self.record["metrics"] = json!(last);
+        }
         if let Err(e) = self.save() {
             tracing::warn!("saving the job record: {e}");
         }

@@ -134,11 +134,6 @@ fn resolve_refs(
     backend: &mut dyn Backend,
     spec: &JobSpec,
 ) -> Result<(JobSpec, Value), JobError> {
-    if spec.shape != Shape::Sft {
-        return Err(JobError::Invalid(
-            "shape = \"rl\": RL jobs are not available yet".into(),
-        ));
-    }
     backend.check_model(&spec.model)?;
     let mut out = spec.clone();
     let format = spec.data.format;
@@ -147,7 +142,17 @@ fn resolve_refs(
         Ok(format!("{}:{}", r.reference, r.split))
     };
     let mut refs = json!({"dataset_ref": null, "eval_dataset_ref": null,
-                          "trajectory_dataset_refs": [], "capability": null});
+                          "trajectory_dataset_refs": [], "prompt_dataset_ref": null,
+                          "capability": null});
+    if spec.shape == Shape::Rl {
+        out.data.prompt_dataset = pin(
+            store,
+            "data.prompt_dataset",
+            &spec.data.prompt_dataset,
+            Format::Auto,
+        )?;
+        refs["prompt_dataset_ref"] = json!(out.data.prompt_dataset);
+    }
     if !spec.data.dataset.is_empty() {
         out.data.dataset = pin(store, "data.dataset", &spec.data.dataset, format)?;
         refs["dataset_ref"] = json!(out.data.dataset);
@@ -199,8 +204,9 @@ pub fn submit(
         "status": "queued",
         "name": spec.name,
         "backend": "local",
-        "trainer_type": "sft",
-        "algorithm": null,
+        "trainer_type": spec.shape,
+        "algorithm": spec.rl.as_ref().map(|r| json!(r.algorithm))
+            .or_else(|| (spec.shape == Shape::Rl).then(|| json!(whet_rl::Algorithm::default()))),
         "model": spec.model,
         "prompt_dataset_ref": null,
         "world_manifest_id": null,
@@ -385,20 +391,29 @@ pub fn run_job(
     store.save_job(&record)?;
     let outcome = serde_json::from_value::<JobSpec>(record["config"].clone())
         .map_err(|e| JobError::Invalid(format!("job {id}: its stored config: {e}")))
-        .and_then(|spec| {
-            let precision = record["precision"].as_str().unwrap_or("f32").to_string();
-            prepare(home, &mut store, backend, spec, &precision)
-        })
-        .and_then(|p| {
-            train(
+        .and_then(|spec| match spec.shape {
+            Shape::Rl => crate::rl_run::run(
                 home,
                 &mut store,
                 backend,
                 &mut record,
-                &p,
+                &spec,
                 display,
                 interrupted,
-            )
+            ),
+            Shape::Sft => {
+                let precision = record["precision"].as_str().unwrap_or("f32").to_string();
+                let p = prepare(home, &mut store, backend, spec, &precision)?;
+                train(
+                    home,
+                    &mut store,
+                    backend,
+                    &mut record,
+                    &p,
+                    display,
+                    interrupted,
+                )
+            }
         });
     if let Err(e) = outcome {
         fail(&mut store, &mut record, &e.to_string())?;

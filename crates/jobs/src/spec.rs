@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use whet_data::{Format, Overflow, TrainOn};
+use whet_rl::{RewardConfig, RlConfig};
 use whet_sft::{OptimizerConfig, ScheduleConfig};
 
 use crate::JobError;
@@ -54,6 +55,9 @@ pub struct DataSpec {
     pub eval_dataset: Option<String>,
     /// ATIF trajectory datasets, converted to chat and trained on with the rows of `dataset`.
     pub trajectory_datasets: Vec<String>,
+    /// RL: the prompts the policy answers (`name@version[:split]` or a file), each row scored
+    /// by the `[reward]` recipe.
+    pub prompt_dataset: String,
     /// Which messages carry loss.
     pub train_on: TrainOn,
     /// Longest sequence in tokens (default: the model's context).
@@ -69,6 +73,7 @@ impl Default for DataSpec {
             format: Format::Auto,
             eval_dataset: None,
             trajectory_datasets: vec![],
+            prompt_dataset: String::new(),
             train_on: TrainOn::AllAssistantMessages,
             max_length: None,
             overflow: Overflow::Truncate,
@@ -144,6 +149,12 @@ pub struct JobSpec {
     /// Length, batches, order, schedule, checkpoints.
     #[serde(default)]
     pub schedule: ScheduleConfig,
+    /// RL: the recipe that scores rollouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<RewardConfig>,
+    /// RL: rollouts, groups, the loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rl: Option<RlConfig>,
 }
 
 impl JobSpec {
@@ -168,6 +179,7 @@ impl JobSpec {
         spec.model = resolve(&spec.model);
         spec.data.dataset = resolve(&spec.data.dataset);
         spec.data.eval_dataset = spec.data.eval_dataset.as_deref().map(resolve);
+        spec.data.prompt_dataset = resolve(&spec.data.prompt_dataset);
         spec.data.trajectory_datasets = spec
             .data
             .trajectory_datasets
@@ -198,8 +210,40 @@ impl JobSpec {
         if self.model.trim().is_empty() {
             return Err("`model` is empty".into());
         }
-        if self.data.dataset.trim().is_empty() && self.data.trajectory_datasets.is_empty() {
-            return Err("`data.dataset` is empty (and no `data.trajectory_datasets`)".into());
+        match self.shape {
+            Shape::Sft => {
+                if self.data.dataset.trim().is_empty() && self.data.trajectory_datasets.is_empty() {
+                    return Err(
+                        "`data.dataset` is empty (and no `data.trajectory_datasets`)".into(),
+                    );
+                }
+                if !self.data.prompt_dataset.is_empty()
+                    || self.rl.is_some()
+                    || self.reward.is_some()
+                {
+                    return Err(
+                        "`data.prompt_dataset`, `[rl]` and `[reward]` belong to `shape = \"rl\"` jobs".into(),
+                    );
+                }
+            }
+            Shape::Rl => {
+                if self.data.prompt_dataset.trim().is_empty() {
+                    return Err(
+                        "`data.prompt_dataset` is empty: an RL job needs prompts to answer".into(),
+                    );
+                }
+                if !self.data.dataset.is_empty() || !self.data.trajectory_datasets.is_empty() {
+                    return Err(
+                        "an RL job takes its rows from `data.prompt_dataset` (`data.dataset` and \
+                         `data.trajectory_datasets` are for SFT in this version)"
+                            .into(),
+                    );
+                }
+                self.rl.clone().unwrap_or_default().check()?;
+                let reward = self.reward.clone().unwrap_or_default();
+                whet_rl::recipe(&reward.recipe, &reward.params)
+                    .map_err(|e| format!("`[reward]`: {e}"))?;
+            }
         }
         if self.lora.rank == 0 {
             return Err("`lora.rank` must be at least 1".into());

@@ -1,0 +1,154 @@
+//! End to end: RL jobs on SmolLM2 — a prompt dataset scored by a recipe, metrics and rollouts
+//! recorded; bad prompt rows refused before any compute; a verifier that crashes is contained
+//! (its rollouts counted as failed, the job goes on).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn an_rl_job_samples_scores_trains_and_records_every_rollout() {
+    let Some(model) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let h = s(&home);
+    let prompts = tmp.path().join("sums.jsonl");
+    std::fs::write(
+        &prompts,
+        concat!(
+            "{\"question\": \"What is 2+3?\", \"answer\": \"5\"}\n",
+            "{\"question\": \"What is 4+4?\", \"answer\": \"8\"}\n",
+            "{\"question\": \"What is 7+2?\", \"answer\": \"9\"}\n",
+            "{\"question\": \"What is 6+1?\", \"answer\": \"7\"}\n"
+        ),
+    )
+    .unwrap();
+    let base = [
+        "train",
+        "rl",
+        "--model",
+        s(&model),
+        "--prompt-dataset",
+        s(&prompts),
+        "--num-rollouts",
+        "3",
+        "--groups-per-step",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--steps",
+        "2",
+        "--lora-rank",
+        "2",
+        "--home",
+        h,
+        "--json",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--reward-recipe", "gsm8k_v1", "--eval-dataset", s(&prompts)]);
+    let r = json(&ok(&args));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["trainer_type"], "rl");
+    assert_eq!(r["algorithm"], "importance_sampling");
+    assert!(r["prompt_dataset_ref"]
+        .as_str()
+        .unwrap()
+        .starts_with("sums@"));
+    let id = r["id"].as_str().unwrap();
+    let rows: Vec<Value> = ok(&["jobs", "metrics", id, "--home", h, "--json"])
+        .lines()
+        .map(json)
+        .collect();
+    assert_eq!(rows.len(), 3, "the eval before training, then 2 steps");
+    assert!(rows[0]["eval/reward_mean"].is_number());
+    for key in [
+        "train/reward_mean",
+        "train/reward_min",
+        "train/reward_max",
+        "by_group/frac_mixed",
+        "optim/kl_sample_train_v1",
+        "optim/entropy",
+        "rollouts/failed",
+        "learning_rate",
+        "grad_norm",
+        "eval/reward_mean",
+    ] {
+        assert!(rows[2][key].is_number(), "{key} in {}", rows[2]);
+    }
+    // Sampler and trainer see the same policy (f32): the sampled tokens' logprobs agree.
+    assert!(rows[1]["optim/kl_sample_train_v1"].as_f64().unwrap().abs() < 1e-3);
+    // Every rollout is in the job's artifacts: 2 steps × 2 groups × 3 rollouts.
+    let path = r["artifacts"]["rollouts"].as_str().unwrap();
+    let rollouts: Vec<Value> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(json)
+        .collect();
+    assert_eq!(rollouts.len(), 12);
+    for x in &rollouts {
+        assert!(
+            x["reward"].is_number() && x["completion"].is_string(),
+            "{x}"
+        );
+    }
+    assert!(
+        std::path::Path::new(r["artifacts"]["final_adapter"].as_str().unwrap())
+            .join("adapter_model.safetensors")
+            .is_file()
+    );
+
+    // A verifier that crashes: every rollout fails, is counted and logged, and the job goes on.
+    let script = tmp.path().join("verify.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncat > /dev/null\necho 'boom' >&2\nexit 3\n",
+    )
+    .unwrap();
+    let params = format!(
+        "{{\"command\": [\"sh\", {:?}], \"timeout_sec\": 5}}",
+        s(&script)
+    );
+    let mut args = base.to_vec();
+    args.extend(["--reward-recipe", "command_v1", "--reward-params", &params]);
+    let r = json(&ok(&args));
+    assert_eq!(r["status"], "completed", "{r}");
+    let id = r["id"].as_str().unwrap();
+    let last = json(
+        ok(&["jobs", "metrics", id, "--home", h, "--json"])
+            .lines()
+            .last()
+            .unwrap(),
+    );
+    assert_eq!(last["rollouts/failed"], 6.0);
+    assert_eq!(last["rollouts/trained"], 0.0);
+    let log = ok(&["jobs", "logs", id, "--home", h]);
+    assert!(
+        log.contains("could not be scored") && log.contains("boom"),
+        "{log}"
+    );
+
+    // Bad input is refused before any compute, naming file, line and field.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"question\": \"What is 1+1?\", \"answer\": \"2\"}\n{\"question\": \"Hi\"}\n",
+    )
+    .unwrap();
+    let mut args = base.to_vec();
+    args[5] = s(&bad);
+    args.extend(["--reward-recipe", "gsm8k_v1"]);
+    let e = fails(&args);
+    assert!(e.contains("bad.jsonl:2") && e.contains("answer"), "{e}");
+    let mut args = base.to_vec();
+    args.extend(["--reward-recipe", "exact_match_v9"]);
+    let e = fails(&args);
+    assert!(
+        e.contains("exact_match_v9") && e.contains("gsm8k_v1"),
+        "{e}"
+    );
+}
