@@ -18,8 +18,10 @@ pub mod config;
 pub mod prompts;
 pub mod recipes;
 pub mod rollouts;
+mod step;
 
 use std::collections::BTreeMap;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use whet_contract::{ContractError, SamplingClient, TrainingClient};
@@ -31,6 +33,7 @@ pub use config::{Algorithm, ExecutionMode, RewardConfig, RlConfig};
 pub use prompts::{load_prompts, prompt_messages};
 pub use recipes::{recipe, Recipe, RewardError};
 pub use rollouts::{Prompt, Rollout};
+use step::{sample_batch, train_batch, Batch};
 
 /// Errors of the RL loop.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +125,15 @@ impl Run<'_> {
 }
 
 /// Trains from `start_step` to the end of the plan (see the crate docs for the order of work).
+///
+/// Execution modes: `sync` samples each step with the current weights. `one_step_off_async`
+/// samples step n + 1 (on a second thread, with the weights before step n's update) while step
+/// n trains: every batch after the first is exactly one step stale. `fully_async` keeps a
+/// sampler running ahead on its own thread, always with the newest weights it has been handed,
+/// at most `max_steps_off_policy` batches ahead; a batch staler than the bound when its turn
+/// comes is discarded (counted in `async/discarded_groups`) and that step trains on nothing.
+/// Sync runs resume bit for bit; async runs resume correctly (the first resumed step samples
+/// on-policy) but, timing being part of fully_async, not bitwise.
 pub fn train(
     client: &mut dyn TrainingClient,
     run: &Run<'_>,
@@ -129,11 +141,6 @@ pub fn train(
     observer: &mut dyn Observer,
 ) -> Result<Outcome, RlError> {
     run.rl.check().map_err(RlError::Config)?;
-    if run.rl.execution_mode != ExecutionMode::Sync {
-        return Err(RlError::Config(
-            "`rl.execution_mode`: only \"sync\" is available in this version".into(),
-        ));
-    }
     let schedule = run.schedule();
     let plan = whet_sft::Plan::new(run.prompts.len(), &schedule)?;
     let total = plan.total_steps();
@@ -142,7 +149,6 @@ pub fn train(
             "resuming at step {start_step}, but the run has {total} steps"
         )));
     }
-    let (loss_fn, loss_config) = run.rl.loss();
     if start_step == 0 && !run.eval.is_empty() {
         let sampler = client.sampling_client()?;
         let mut m = Metrics::new();
@@ -153,217 +159,149 @@ pub fn train(
         );
         observer.on_initial_eval(&m);
     }
-    let mut sampler: Option<Box<dyn SamplingClient>> = None;
-    for step in start_step..total {
-        let started = Instant::now();
-        // 1. The sampler: the current weights, refreshed on its interval (and after a resume).
-        if sampler.is_none() || step % run.rl.weight_sync_interval == 0 {
-            sampler = Some(client.sampling_client()?);
-        }
-        let Some(s) = sampler.as_deref() else {
-            continue;
-        };
-        // 2. Groups of rollouts, scored.
-        let prompts: Vec<&Prompt> = plan
-            .batch(step)
-            .into_iter()
-            .map(|i| &run.prompts[i])
-            .collect();
-        let mut groups = Vec::with_capacity(prompts.len());
-        for (g, prompt) in prompts.iter().enumerate() {
-            let p = rollouts::params(
-                run.rl.max_new_tokens,
-                run.rl.temperature,
-                run.rl.top_p,
-                &run.rl.stop,
-                seed(run.schedule.seed, step, g),
-            );
-            groups.push(rollouts::sample_group(
-                s,
-                run.tokenizer,
-                run.recipe,
-                prompt,
-                run.rl.num_rollouts,
-                &p,
-            )?);
-        }
-        let sampled_at = Instant::now();
-        // 3. Advantages within each group (failed rollouts are left out of it).
-        let mut m = Metrics::new();
-        let (mut good, mut bad, mut mixed, mut failed) = (0usize, 0usize, 0usize, 0usize);
-        let mut rewards = Vec::new();
-        let mut trainable: Vec<(usize, usize)> = Vec::new();
-        for (g, group) in groups.iter_mut().enumerate() {
-            let scored: Vec<usize> = (0..group.len())
-                .filter(|&i| group[i].reward.is_some())
-                .collect();
-            failed += group.len() - scored.len();
-            let r: Vec<f64> = scored.iter().filter_map(|&i| group[i].reward).collect();
-            rewards.extend(&r);
-            let kind = group_kind(&r);
-            match kind {
-                GroupKind::AllGood => good += 1,
-                GroupKind::AllBad => bad += 1,
-                GroupKind::Mixed => mixed += 1,
-            }
-            if r.len() < 2 || (kind != GroupKind::Mixed && run.rl.remove_constant_reward_groups) {
-                continue;
-            }
-            for (&i, a) in scored
-                .iter()
-                .zip(group_advantages(&r, run.rl.normalize_advantages))
-            {
-                group[i].advantage = a;
-                trainable.push((g, i));
-            }
-        }
-        // 4. One policy-gradient step on the trainable rollouts (a step with none still takes
-        //    an optimizer step with zero gradients, so the schedule and state stay aligned).
-        let completion_tokens: usize = trainable
-            .iter()
-            .map(|&(g, i)| groups[g][i].tokens.len())
-            .sum();
-        let scale = 1.0 / completion_tokens.max(1) as f64;
-        let datums: Vec<_> = trainable
-            .iter()
-            .map(|&(g, i)| rollouts::datum(&prompts[g].tokens, &groups[g][i], scale))
-            .collect();
-        let mut loss = 0.0;
-        let (mut kl1, mut kl2, mut n_kl) = (0.0, 0.0, 0usize);
-        if !datums.is_empty() {
-            let out = client.forward_backward(&datums, loss_fn, &loss_config)?;
-            loss = out.metrics.get("loss:sum").copied().unwrap_or(0.0);
-            // Sampler vs trainer logprobs of the sampled tokens: how off-policy the step is.
-            for (&(g, i), lp) in trainable.iter().zip(&out.loss_fn_outputs) {
-                let r = &groups[g][i];
-                let new = lp
-                    .get("logprobs")
-                    .map(|t| t.to_f32_vec())
-                    .unwrap_or_default();
-                let first = prompts[g].tokens.len() - 1;
-                for (k, old) in r.logprobs.iter().enumerate() {
-                    if let Some(&new) = new.get(first + k) {
-                        let d = (*old - new) as f64;
-                        kl1 += d;
-                        kl2 += 0.5 * d * d;
-                        n_kl += 1;
+    let bound = run.rl.max_steps_off_policy.unwrap_or(1).max(1);
+    let mode = run.rl.execution_mode;
+    let plan = &plan;
+    let stopped_thread = || RlError::Config("the sampling thread stopped".into());
+    std::thread::scope(|scope| -> Result<Outcome, RlError> {
+        // one_step_off_async: the next step's batch, sampling while this step trains.
+        let mut next: Option<std::thread::ScopedJoinHandle<'_, Result<Batch, RlError>>> = None;
+        // fully_async: weights to the sampler thread, batches back, at most `bound` ahead.
+        let (weights_tx, weights_rx) = mpsc::channel::<(usize, Box<dyn SamplingClient>)>();
+        let (batches_tx, batches_rx) = mpsc::sync_channel::<Result<Batch, RlError>>(bound - 1);
+        if mode == ExecutionMode::FullyAsync {
+            weights_tx
+                .send((start_step, client.sampling_client()?))
+                .map_err(|_| stopped_thread())?;
+            scope.spawn(move || {
+                let Ok((mut version, mut sampler)) = weights_rx.recv() else {
+                    return;
+                };
+                for step in start_step..total {
+                    // The newest weights handed over so far.
+                    while let Ok((v, s)) = weights_rx.try_recv() {
+                        (version, sampler) = (v, s);
+                    }
+                    let batch = sample_batch(sampler.as_ref(), run, plan, step, version);
+                    let failed = batch.is_err();
+                    if batches_tx.send(batch).is_err() || failed {
+                        return;
                     }
                 }
+            });
+        }
+        let mut sampler: Option<Box<dyn SamplingClient>> = None;
+        for step in start_step..total {
+            let started = Instant::now();
+            // 1. The step's batch of groups, sampled and scored.
+            let mut discarded = 0usize;
+            let mut batch = match mode {
+                ExecutionMode::Sync => {
+                    // The current weights, refreshed on their interval (and after a resume).
+                    if sampler.is_none() || step % run.rl.weight_sync_interval == 0 {
+                        sampler = Some(client.sampling_client()?);
+                    }
+                    let s = sampler.as_deref().ok_or_else(stopped_thread)?;
+                    sample_batch(s, run, plan, step, step)?
+                }
+                ExecutionMode::OneStepOffAsync => {
+                    let batch = match next.take() {
+                        Some(h) => h.join().map_err(|_| stopped_thread())??,
+                        None => {
+                            let s = client.sampling_client()?;
+                            sample_batch(s.as_ref(), run, plan, step, step)?
+                        }
+                    };
+                    if step + 1 < total {
+                        let s = client.sampling_client()?;
+                        next =
+                            Some(scope.spawn(move || {
+                                sample_batch(s.as_ref(), run, plan, step + 1, step)
+                            }));
+                    }
+                    batch
+                }
+                ExecutionMode::FullyAsync => {
+                    let mut batch = batches_rx.recv().map_err(|_| stopped_thread())??;
+                    if batch.step != step {
+                        return Err(RlError::Config(format!(
+                            "the sampling thread sent step {} for step {step}",
+                            batch.step
+                        )));
+                    }
+                    if step - batch.version > bound {
+                        // Too stale for the bound: nothing of it is trained.
+                        discarded = batch.groups.len();
+                        batch.groups.clear();
+                        batch.prompts.clear();
+                    }
+                    batch
+                }
+            };
+            // 2. Advantages, forward_backward, optim_step.
+            let lr = whet_sft::learning_rate(
+                run.optimizer.learning_rate,
+                schedule.lr_schedule,
+                step,
+                total,
+                schedule.warmup_steps,
+            );
+            let mut m = train_batch(client, run, &mut batch, lr)?;
+            let done = step + 1;
+            if mode == ExecutionMode::FullyAsync && done < total {
+                // A sampler thread that ended (it sent an error) takes no more weights.
+                let _ = weights_tx.send((done, client.sampling_client()?));
+            }
+            m.insert("step".into(), done as f64);
+            m.insert("async/staleness".into(), (step - batch.version) as f64);
+            m.insert("async/discarded_groups".into(), discarded as f64);
+            let seconds = started.elapsed().as_secs_f64();
+            m.insert("time/step".into(), seconds);
+            m.insert(
+                "tokens_per_second".into(),
+                m["num_tokens"] / seconds.max(1e-9),
+            );
+            // 3. Eval on its interval and at the end.
+            let last = done == total;
+            let every = run.schedule.eval_interval;
+            if !run.eval.is_empty() && (last || (every > 0 && done.is_multiple_of(every))) {
+                let s = client.sampling_client()?;
+                m.insert("eval/reward_mean".into(), eval_reward(s.as_ref(), run)?);
+            }
+            let prompts: Vec<&Prompt> = batch.prompts.iter().map(|&i| &run.prompts[i]).collect();
+            observer.on_rollouts(done, &prompts, &batch.groups);
+            let control = observer.on_step(&m);
+            // 4. Checkpoints, as for SFT.
+            if last {
+                let c = checkpoint(client, done, "final")?;
+                observer.on_checkpoint(&c);
+                return Ok(Outcome {
+                    steps: done,
+                    total_steps: total,
+                    last: Some(c),
+                    stopped: false,
+                });
+            }
+            if control == Control::Stop {
+                return Ok(Outcome {
+                    steps: done,
+                    total_steps: total,
+                    last: None,
+                    stopped: true,
+                });
+            }
+            let every = run.schedule.checkpoint_interval;
+            if every > 0 && done.is_multiple_of(every) {
+                let c = checkpoint(client, done, &format!("step-{done}"))?;
+                observer.on_checkpoint(&c);
             }
         }
-        let lr = whet_sft::learning_rate(
-            run.optimizer.learning_rate,
-            schedule.lr_schedule,
-            step,
-            total,
-            schedule.warmup_steps,
-        );
-        let opt = client.optim_step(&run.optimizer.adam_params(lr))?;
-        let done = step + 1;
-        // 5. Metrics.
-        let all_tokens: usize = groups.iter().flatten().map(|r| r.tokens.len()).sum();
-        let all_logprobs: Vec<f32> = groups
-            .iter()
-            .flatten()
-            .flat_map(|r| r.logprobs.clone())
-            .collect();
-        let n_groups = groups.len().max(1) as f64;
-        let n_rollouts = groups.iter().map(Vec::len).sum::<usize>().max(1) as f64;
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        m.insert("step".into(), done as f64);
-        m.insert("loss".into(), loss);
-        m.insert("learning_rate".into(), lr);
-        m.insert(
-            "grad_norm".into(),
-            opt.metrics.get("grad_norm:mean").copied().unwrap_or(0.0),
-        );
-        m.insert("train/reward_mean".into(), mean(&rewards));
-        m.insert(
-            "train/reward_min".into(),
-            rewards
-                .iter()
-                .copied()
-                .fold(f64::INFINITY, f64::min)
-                .min(f64::MAX),
-        );
-        m.insert(
-            "train/reward_max".into(),
-            rewards
-                .iter()
-                .copied()
-                .fold(f64::NEG_INFINITY, f64::max)
-                .max(f64::MIN),
-        );
-        m.insert("by_group/frac_all_good".into(), good as f64 / n_groups);
-        m.insert("by_group/frac_all_bad".into(), bad as f64 / n_groups);
-        m.insert("by_group/frac_mixed".into(), mixed as f64 / n_groups);
-        m.insert("rollouts/failed".into(), failed as f64);
-        m.insert("rollouts/trained".into(), trainable.len() as f64);
-        m.insert("optim/kl_sample_train_v1".into(), kl1 / n_kl.max(1) as f64);
-        m.insert("optim/kl_sample_train_v2".into(), kl2 / n_kl.max(1) as f64);
-        // The sampled tokens' mean negative logprob estimates the policy's entropy.
-        m.insert(
-            "optim/entropy".into(),
-            -all_logprobs.iter().map(|&x| x as f64).sum::<f64>() / all_logprobs.len().max(1) as f64,
-        );
-        m.insert(
-            "tokens/completion_mean".into(),
-            all_tokens as f64 / n_rollouts,
-        );
-        m.insert("num_tokens".into(), all_tokens as f64);
-        m.insert("time/sample".into(), (sampled_at - started).as_secs_f64());
-        m.insert("time/train".into(), sampled_at.elapsed().as_secs_f64());
-        m.insert(
-            "tokens_per_second".into(),
-            all_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
-        );
-        let last = done == total;
-        let eval_now =
-            run.schedule.eval_interval > 0 && done.is_multiple_of(run.schedule.eval_interval);
-        if !run.eval.is_empty() && (eval_now || last) {
-            let sampler = client.sampling_client()?;
-            m.insert(
-                "eval/reward_mean".into(),
-                eval_reward(sampler.as_ref(), run)?,
-            );
-        }
-        observer.on_rollouts(done, &prompts, &groups);
-        let control = observer.on_step(&m);
-        // 6. Checkpoints, as for SFT.
-        if last {
-            let c = checkpoint(client, done, "final")?;
-            observer.on_checkpoint(&c);
-            return Ok(Outcome {
-                steps: done,
-                total_steps: total,
-                last: Some(c),
-                stopped: false,
-            });
-        }
-        if control == Control::Stop {
-            return Ok(Outcome {
-                steps: done,
-                total_steps: total,
-                last: None,
-                stopped: true,
-            });
-        }
-        if run.schedule.checkpoint_interval > 0
-            && done.is_multiple_of(run.schedule.checkpoint_interval)
-        {
-            let c = checkpoint(client, done, &format!("step-{done}"))?;
-            observer.on_checkpoint(&c);
-        }
-        // A sampler refreshed on an interval must still see a resumed run's weights.
-        if run.rl.weight_sync_interval == 1 {
-            sampler = None;
-        }
-    }
-    Ok(Outcome {
-        steps: total,
-        total_steps: total,
-        last: None,
-        stopped: false,
+        Ok(Outcome {
+            steps: total,
+            total_steps: total,
+            last: None,
+            stopped: false,
+        })
     })
 }
 

@@ -155,3 +155,64 @@ fn a_resumed_rl_run_ends_with_the_same_adapter_bitwise() {
         "the resumed run's adapter differs"
     );
 }
+
+/// The async modes train on stale-bounded data: one_step_off_async's batches are exactly one
+/// step stale (the first on-policy); fully_async's never staler than `max_steps_off_policy`.
+#[test]
+fn async_modes_respect_their_staleness_bound() {
+    let Some(tok) = tokenizer() else { return };
+    let prompts: Vec<Prompt> = (0..6)
+        .map(|i| Prompt {
+            tokens: vec![1, 40 + i, 50 + i],
+            text: format!("prompt {i}"),
+            row: json!({}),
+            location: format!("prompts.jsonl:{}", i + 1),
+        })
+        .collect();
+    let optimizer = OptimizerConfig::default();
+    let schedule = ScheduleConfig {
+        epochs: 2,
+        ..Default::default()
+    };
+    for (mode, bound) in [
+        (whet_rl::ExecutionMode::OneStepOffAsync, 1),
+        (whet_rl::ExecutionMode::FullyAsync, 1),
+        (whet_rl::ExecutionMode::FullyAsync, 2),
+    ] {
+        let rl = RlConfig {
+            num_rollouts: 3,
+            groups_per_step: 2,
+            max_new_tokens: 5,
+            execution_mode: mode,
+            max_steps_off_policy: Some(bound),
+            ..RlConfig::default()
+        };
+        let run = Run {
+            prompts: &prompts,
+            eval: &[],
+            tokenizer: &tok,
+            recipe: &Length,
+            rl: &rl,
+            optimizer: &optimizer,
+            schedule: &schedule,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::default();
+        let out = whet_rl::train(&mut session(dir.path()), &run, 0, &mut log).unwrap();
+        assert_eq!(out.steps, 6);
+        let staleness: Vec<f64> = log.steps.iter().map(|m| m["async/staleness"]).collect();
+        let discarded: f64 = log.steps.iter().map(|m| m["async/discarded_groups"]).sum();
+        assert!(
+            staleness.iter().all(|&s| s <= bound as f64),
+            "{mode:?}: {staleness:?}"
+        );
+        if mode == whet_rl::ExecutionMode::OneStepOffAsync {
+            assert_eq!(staleness, vec![0.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        }
+        assert_eq!(
+            discarded, 0.0,
+            "{mode:?}: the queue keeps batches within the bound"
+        );
+        assert!(log.steps.iter().any(|m| m["rollouts/trained"] > 0.0));
+    }
+}

@@ -1,0 +1,176 @@
+//! One RL step in two halves: sampling a batch of groups (any thread, any policy version) and
+//! training on it (the training client's thread).
+
+use std::time::Instant;
+
+use whet_contract::{SamplingClient, TrainingClient};
+use whet_sft::Plan;
+
+use crate::advantages::{group_advantages, group_kind, GroupKind};
+use crate::rollouts::{self, Rollout};
+use crate::{seed, Metrics, RlError, Run};
+
+/// A step's groups of rollouts, with the policy version that sampled them.
+pub struct Batch {
+    /// The plan's step whose prompts these are.
+    pub step: usize,
+    /// Optimizer steps applied to the weights that sampled it.
+    pub version: usize,
+    /// The prompts (indices into the run's prompts), one group each.
+    pub prompts: Vec<usize>,
+    /// The groups.
+    pub groups: Vec<Vec<Rollout>>,
+    /// Seconds spent sampling and scoring.
+    pub seconds: f64,
+}
+
+/// Samples and scores the groups of plan step `step` with `sampler` (policy `version`).
+/// Seeds depend on the step and group only, so the same weights give the same rollouts.
+pub fn sample_batch(
+    sampler: &dyn SamplingClient,
+    run: &Run<'_>,
+    plan: &Plan,
+    step: usize,
+    version: usize,
+) -> Result<Batch, RlError> {
+    let started = Instant::now();
+    let prompts = plan.batch(step);
+    let mut groups = Vec::with_capacity(prompts.len());
+    for (g, &i) in prompts.iter().enumerate() {
+        let p = rollouts::params(
+            run.rl.max_new_tokens,
+            run.rl.temperature,
+            run.rl.top_p,
+            &run.rl.stop,
+            seed(run.schedule.seed, step, g),
+        );
+        groups.push(rollouts::sample_group(
+            sampler,
+            run.tokenizer,
+            run.recipe,
+            &run.prompts[i],
+            run.rl.num_rollouts,
+            &p,
+        )?);
+    }
+    Ok(Batch {
+        step,
+        version,
+        prompts,
+        groups,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Advantages, one `forward_backward` and one `optim_step` at learning rate `lr`; returns the
+/// step's metrics (rewards, groups, off-policy measures, tokens, timings).
+pub fn train_batch(
+    client: &mut dyn TrainingClient,
+    run: &Run<'_>,
+    batch: &mut Batch,
+    lr: f64,
+) -> Result<Metrics, RlError> {
+    let started = Instant::now();
+    // Advantages within each group; failed rollouts are left out of it.
+    let (mut good, mut bad, mut mixed, mut failed) = (0usize, 0usize, 0usize, 0usize);
+    let mut rewards = Vec::new();
+    let mut trainable: Vec<(usize, usize)> = Vec::new();
+    for (g, group) in batch.groups.iter_mut().enumerate() {
+        let scored: Vec<usize> = (0..group.len())
+            .filter(|&i| group[i].reward.is_some())
+            .collect();
+        failed += group.len() - scored.len();
+        let r: Vec<f64> = scored.iter().filter_map(|&i| group[i].reward).collect();
+        rewards.extend(&r);
+        let kind = group_kind(&r);
+        match kind {
+            GroupKind::AllGood => good += 1,
+            GroupKind::AllBad => bad += 1,
+            GroupKind::Mixed => mixed += 1,
+        }
+        if r.len() < 2 || (kind != GroupKind::Mixed && run.rl.remove_constant_reward_groups) {
+            continue;
+        }
+        for (&i, a) in scored
+            .iter()
+            .zip(group_advantages(&r, run.rl.normalize_advantages))
+        {
+            group[i].advantage = a;
+            trainable.push((g, i));
+        }
+    }
+    // The advantages are divided by the step's completion-token count: the loss is a mean
+    // over sampled tokens. A step with nothing to train still takes its (zero-gradient)
+    // optimizer step, so the schedule and the optimizer state stay aligned with the plan.
+    let prompt_of = |g: usize| &run.prompts[batch.prompts[g]];
+    let completion_tokens: usize = trainable
+        .iter()
+        .map(|&(g, i)| batch.groups[g][i].tokens.len())
+        .sum();
+    let scale = 1.0 / completion_tokens.max(1) as f64;
+    let datums: Vec<_> = trainable
+        .iter()
+        .map(|&(g, i)| rollouts::datum(&prompt_of(g).tokens, &batch.groups[g][i], scale))
+        .collect();
+    let (loss_fn, loss_config) = run.rl.loss();
+    let mut loss = 0.0;
+    let (mut kl1, mut kl2, mut n_kl) = (0.0, 0.0, 0usize);
+    if !datums.is_empty() {
+        let out = client.forward_backward(&datums, loss_fn, &loss_config)?;
+        loss = out.metrics.get("loss:sum").copied().unwrap_or(0.0);
+        // Sampler vs trainer logprobs of the sampled tokens: how off-policy the step is.
+        for (&(g, i), lp) in trainable.iter().zip(&out.loss_fn_outputs) {
+            let new = lp
+                .get("logprobs")
+                .map(|t| t.to_f32_vec())
+                .unwrap_or_default();
+            let first = prompt_of(g).tokens.len() - 1;
+            for (k, old) in batch.groups[g][i].logprobs.iter().enumerate() {
+                if let Some(&new) = new.get(first + k) {
+                    let d = (*old - new) as f64;
+                    kl1 += d;
+                    kl2 += 0.5 * d * d;
+                    n_kl += 1;
+                }
+            }
+        }
+    }
+    let opt = client.optim_step(&run.optimizer.adam_params(lr))?;
+    let all = || batch.groups.iter().flatten();
+    let tokens: usize = all().map(|r| r.tokens.len()).sum();
+    let logprob_sum: f64 = all().flat_map(|r| &r.logprobs).map(|&x| x as f64).sum();
+    let n_groups = batch.groups.len().max(1) as f64;
+    let n_rollouts = all().count().max(1) as f64;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let fold = |f: fn(f64, f64) -> f64, init: f64| {
+        let x = rewards.iter().copied().fold(init, f);
+        if x.is_finite() {
+            x
+        } else {
+            0.0
+        }
+    };
+    let train_seconds = started.elapsed().as_secs_f64();
+    let mut m = Metrics::new();
+    m.insert("loss".into(), loss);
+    m.insert("learning_rate".into(), lr);
+    let grad_norm = opt.metrics.get("grad_norm:mean").copied().unwrap_or(0.0);
+    m.insert("grad_norm".into(), grad_norm);
+    m.insert("train/reward_mean".into(), mean(&rewards));
+    m.insert("train/reward_min".into(), fold(f64::min, f64::INFINITY));
+    m.insert("train/reward_max".into(), fold(f64::max, f64::NEG_INFINITY));
+    m.insert("by_group/frac_all_good".into(), good as f64 / n_groups);
+    m.insert("by_group/frac_all_bad".into(), bad as f64 / n_groups);
+    m.insert("by_group/frac_mixed".into(), mixed as f64 / n_groups);
+    m.insert("rollouts/failed".into(), failed as f64);
+    m.insert("rollouts/trained".into(), trainable.len() as f64);
+    m.insert("optim/kl_sample_train_v1".into(), kl1 / n_kl.max(1) as f64);
+    m.insert("optim/kl_sample_train_v2".into(), kl2 / n_kl.max(1) as f64);
+    // The sampled tokens' mean negative logprob estimates the policy's entropy.
+    m.insert("optim/entropy".into(), -logprob_sum / tokens.max(1) as f64);
+    m.insert("tokens/completion_mean".into(), tokens as f64 / n_rollouts);
+    m.insert("num_tokens".into(), tokens as f64);
+    m.insert("time/sample".into(), batch.seconds);
+    m.insert("time/train".into(), train_seconds);
+    Ok(m)
+}
