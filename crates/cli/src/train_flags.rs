@@ -148,8 +148,16 @@ pub struct RlFlags {
     #[arg(long)]
     model: String,
     /// Prompts: a published `name@version[:split]`, or a file.
-    #[arg(long)]
+    #[arg(
+        long,
+        default_value = "",
+        required_unless_present = "trajectory_datasets"
+    )]
     prompt_dataset: String,
+    /// ATIF trajectory datasets for offline RL (repeatable): one prompt per recorded agent
+    /// step, scored by `trajectory_imitation_v1` unless another recipe is given.
+    #[arg(long = "trajectory-dataset")]
+    trajectory_datasets: Vec<String>,
     /// Eval prompts (scored greedily).
     #[arg(long)]
     eval_dataset: Option<String>,
@@ -162,10 +170,11 @@ pub struct RlFlags {
     /// Labels for the job (repeatable).
     #[arg(long = "tag")]
     tags: Vec<String>,
-    /// Reward recipe: exact_match_v1, contains_v1, row_reward_v1, trajectory_imitation_v1,
-    /// task_verifier_v1, gsm8k_v1 or command_v1.
-    #[arg(long, default_value = "exact_match_v1")]
-    reward_recipe: String,
+    /// Reward recipe: exact_match_v1 (the default with prompts), contains_v1, row_reward_v1,
+    /// trajectory_imitation_v1 (the default for trajectories alone), task_verifier_v1,
+    /// gsm8k_v1 or command_v1.
+    #[arg(long)]
+    reward_recipe: Option<String>,
     /// The recipe's parameters as JSON, e.g. '{"needle": "!"}'.
     #[arg(long)]
     reward_params: Option<String>,
@@ -259,8 +268,9 @@ impl RlFlags {
             "model": self.model,
             "capability": self.capability,
             "tags": self.tags,
-            "data": {"prompt_dataset": self.prompt_dataset, "eval_dataset": self.eval_dataset},
-            "reward": {"recipe": self.reward_recipe, "params": params},
+            "data": {"prompt_dataset": self.prompt_dataset, "eval_dataset": self.eval_dataset,
+                     "trajectory_datasets": self.trajectory_datasets},
+            "reward": self.reward_recipe.map(|r| json!({"recipe": r, "params": params})),
             "rl": rl,
             "schedule": schedule,
             "lora": lora,

@@ -152,3 +152,65 @@ fn an_rl_job_samples_scores_trains_and_records_every_rollout() {
         "{e}"
     );
 }
+
+/// Offline RL from ATIF trajectories: one prompt per recorded agent step, its action (as the
+/// chat template renders it) the reference, rewarded by the episode's outcome.
+#[test]
+fn offline_rl_trains_on_recorded_trajectories() {
+    let Some(model) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let trajectories = tmp.path().join("episodes.jsonl");
+    let episode = |id: &str, success: bool, answer: &str| {
+        serde_json::json!({
+            "schema_version": "ATIF-v1.4", "session_id": id, "trajectory_id": id,
+            "agent": {"name": "a", "version": "1"},
+            "steps": [
+                {"step_id": 1, "source": "user", "message": "What is 3+4?"},
+                {"step_id": 2, "source": "agent", "message": answer},
+                {"step_id": 3, "source": "user", "message": "And 1+1?"},
+                {"step_id": 4, "source": "agent", "message": "2"}
+            ],
+            "success": success, "termination_reason": "done", "step_count": 4
+        })
+        .to_string()
+    };
+    std::fs::write(
+        &trajectories,
+        format!(
+            "{}\n{}\n",
+            episode("t1", true, "7"),
+            episode("t2", false, "8")
+        ),
+    )
+    .unwrap();
+    let r = json(&ok(&[
+        "train",
+        "rl",
+        "--model",
+        s(&model),
+        "--trajectory-dataset",
+        s(&trajectories),
+        "--num-rollouts",
+        "2",
+        "--groups-per-step",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--steps",
+        "2",
+        "--home",
+        s(&home),
+        "--json",
+    ]));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["data"]["prompts"], 4, "two agent steps per episode");
+    let rollouts: Vec<Value> =
+        std::fs::read_to_string(r["artifacts"]["rollouts"].as_str().unwrap())
+            .unwrap()
+            .lines()
+            .map(json)
+            .collect();
+    assert_eq!(rollouts.len(), 2 * 2 * 2);
+    assert!(rollouts.iter().all(|x| x["reward"].is_number()));
+}

@@ -130,7 +130,7 @@ pub fn run(
 ) -> Result<(), JobError> {
     let id = record["id"].as_str().unwrap_or_default().to_string();
     let rl = spec.rl.clone().unwrap_or_default();
-    let reward = spec.reward.clone().unwrap_or_default();
+    let reward = spec.reward_config();
     let recipe = whet_rl::recipe(&reward.recipe, &reward.params)
         .map_err(|e| JobError::Invalid(format!("[reward]: {e}")))?;
     let (system_prompt, tools) = match &spec.capability {
@@ -157,7 +157,27 @@ pub fn run(
         whet_rl::load_prompts(&resolved.path, &tok, &scaffold, recipe.as_ref(), room)
             .map_err(|e| JobError::Invalid(e.to_string()))
     };
-    let prompts = load(store, "data.prompt_dataset", &spec.data.prompt_dataset)?;
+    let mut prompts = if spec.data.prompt_dataset.is_empty() {
+        vec![]
+    } else {
+        load(store, "data.prompt_dataset", &spec.data.prompt_dataset)?
+    };
+    // Offline RL: one prompt per recorded agent step, its action the reference.
+    for t in &spec.data.trajectory_datasets {
+        let resolved = datasets::resolve_or_pin(
+            home,
+            store,
+            "data.trajectory_datasets",
+            t,
+            whet_data::Format::Trajectories,
+        )?;
+        let rows = whet_rl::trajectory_rows(&resolved.path, &tok)
+            .map_err(|e| JobError::Invalid(e.to_string()))?;
+        prompts.extend(
+            whet_rl::prompts_from_rows(rows, &tok, &scaffold, recipe.as_ref(), room)
+                .map_err(|e| JobError::Invalid(e.to_string()))?,
+        );
+    }
     let eval = match &spec.data.eval_dataset {
         Some(e) => load(store, "data.eval_dataset", e)?,
         None => vec![],

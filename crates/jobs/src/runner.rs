@@ -144,7 +144,7 @@ fn resolve_refs(
     let mut refs = json!({"dataset_ref": null, "eval_dataset_ref": null,
                           "trajectory_dataset_refs": [], "prompt_dataset_ref": null,
                           "capability": null});
-    if spec.shape == Shape::Rl {
+    if spec.shape == Shape::Rl && !spec.data.prompt_dataset.is_empty() {
         out.data.prompt_dataset = pin(
             store,
             "data.prompt_dataset",

@@ -194,6 +194,21 @@ impl JobSpec {
         Ok(spec)
     }
 
+    /// The RL job's `[reward]`: as given, else `trajectory_imitation_v1` for offline RL on
+    /// trajectories alone, else `exact_match_v1`.
+    pub fn reward_config(&self) -> RewardConfig {
+        self.reward.clone().unwrap_or_else(|| {
+            if self.data.prompt_dataset.is_empty() && !self.data.trajectory_datasets.is_empty() {
+                RewardConfig {
+                    recipe: "trajectory_imitation_v1".into(),
+                    ..RewardConfig::default()
+                }
+            } else {
+                RewardConfig::default()
+            }
+        })
+    }
+
     /// Parses and checks job-file text (errors name the key).
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let spec: Self = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
@@ -227,20 +242,22 @@ impl JobSpec {
                 }
             }
             Shape::Rl => {
-                if self.data.prompt_dataset.trim().is_empty() {
+                if self.data.prompt_dataset.trim().is_empty()
+                    && self.data.trajectory_datasets.is_empty()
+                {
                     return Err(
-                        "`data.prompt_dataset` is empty: an RL job needs prompts to answer".into(),
-                    );
-                }
-                if !self.data.dataset.is_empty() || !self.data.trajectory_datasets.is_empty() {
-                    return Err(
-                        "an RL job takes its rows from `data.prompt_dataset` (`data.dataset` and \
-                         `data.trajectory_datasets` are for SFT in this version)"
+                        "an RL job needs `data.prompt_dataset` (prompts to answer) or \
+                                `data.trajectory_datasets` (offline RL)"
                             .into(),
                     );
                 }
+                if !self.data.dataset.is_empty() {
+                    return Err("an RL job takes its rows from `data.prompt_dataset` or \
+                                `data.trajectory_datasets`; `data.dataset` is for SFT"
+                        .into());
+                }
                 self.rl.clone().unwrap_or_default().check()?;
-                let reward = self.reward.clone().unwrap_or_default();
+                let reward = self.reward_config();
                 whet_rl::recipe(&reward.recipe, &reward.params)
                     .map_err(|e| format!("`[reward]`: {e}"))?;
             }

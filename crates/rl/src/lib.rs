@@ -30,7 +30,7 @@ use whet_sft::{Checkpoint, Control, OptimizerConfig, ScheduleConfig};
 
 pub use advantages::{group_advantages, group_kind, GroupKind};
 pub use config::{Algorithm, ExecutionMode, RewardConfig, RlConfig};
-pub use prompts::{load_prompts, prompt_messages};
+pub use prompts::{load_prompts, prompt_messages, prompts_from_rows, trajectory_rows};
 pub use recipes::{recipe, Recipe, RewardError};
 pub use rollouts::{Prompt, Rollout};
 use step::{sample_batch, train_batch, Batch};

@@ -59,14 +59,34 @@ pub fn load_prompts(
     recipe: &dyn Recipe,
     max_prompt_tokens: usize,
 ) -> Result<Vec<Prompt>, RlError> {
+    let rows = whet_data::read_values(path)?
+        .into_iter()
+        .map(|(line, v)| {
+            (
+                format!("{}:{line}", path.display()),
+                v.map_err(|e| e.to_string()),
+            )
+        })
+        .collect();
+    prompts_from_rows(rows, tokenizer, scaffold, recipe, max_prompt_tokens)
+}
+
+/// Renders rows (each with its `file:line`, or why it could not be read) into prompts; every
+/// unusable row is reported, with its location.
+pub fn prompts_from_rows(
+    rows: Vec<(String, Result<Value, String>)>,
+    tokenizer: &Tokenizer,
+    scaffold: &Scaffold<'_>,
+    recipe: &dyn Recipe,
+    max_prompt_tokens: usize,
+) -> Result<Vec<Prompt>, RlError> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    for (line, value) in whet_data::read_values(path)? {
-        let at = format!("{}:{line}", path.display());
+    for (at, value) in rows {
         let row = match value {
             Ok(v) => v,
             Err(e) => {
-                errors.push(e.to_string());
+                errors.push(e);
                 continue;
             }
         };
@@ -86,7 +106,12 @@ pub fn load_prompts(
         if let Some(system) = scaffold.system_prompt {
             messages.insert(0, json!({"role": "system", "content": system}));
         }
-        let tools = (!scaffold.tools.is_empty()).then_some(scaffold.tools);
+        // The scaffold's tools, then the row's own (a trajectory's).
+        let mut tools: Vec<Value> = scaffold.tools.to_vec();
+        if let Some(own) = row.get("tools").and_then(Value::as_array) {
+            tools.extend(own.iter().cloned());
+        }
+        let tools = (!tools.is_empty()).then_some(tools.as_slice());
         let tokens = tokenizer.apply_chat_template(&messages, tools, true)?;
         if tokens.len() > max_prompt_tokens {
             errors.push(format!(
@@ -111,10 +136,79 @@ pub fn load_prompts(
         )));
     }
     if out.is_empty() {
-        return Err(RlError::Config(format!(
-            "{}: no prompt rows",
-            path.display()
-        )));
+        return Err(RlError::Config("no prompt rows".into()));
+    }
+    Ok(out)
+}
+
+/// Offline RL rows from an ATIF trajectory dataset: one row per agent step — the messages
+/// before it, the recorded action as `expected_output` (the text the model's chat template
+/// gives that assistant message, tool calls included, without the end-of-turn marker), and
+/// `reward` 1.0 when the episode succeeded, 0.0 when not (`trajectory_imitation_v1` pays it
+/// when a completion reproduces the action).
+pub fn trajectory_rows(
+    path: &Path,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<(String, Result<Value, String>)>, RlError> {
+    let mut out = Vec::new();
+    for (line, value) in whet_data::read_values(path)? {
+        let at = format!("{}:{line}", path.display());
+        let value = match value {
+            Ok(v) => v,
+            Err(e) => {
+                out.push((at, Err(e.to_string())));
+                continue;
+            }
+        };
+        let conv = match whet_data::parse_row(&value, whet_data::Format::Trajectories) {
+            Ok(whet_data::Row::Chat(c)) => c,
+            Ok(_) => continue,
+            Err(e) => {
+                out.push((at.clone(), Err(format!("{at}: {}: {}", e.field, e.message))));
+                continue;
+            }
+        };
+        let reward = if value["success"].as_bool().unwrap_or(false) {
+            1.0
+        } else {
+            0.0
+        };
+        for (i, m) in conv.messages.iter().enumerate() {
+            if m["role"] != "assistant" || i == 0 {
+                continue;
+            }
+            // The action as the template renders it: the last assistant message's trained
+            // tokens (content, tool calls, end-of-turn), decoded without special tokens.
+            let step = whet_data::Conversation {
+                messages: conv.messages[..=i].to_vec(),
+                weights: vec![None; i + 1],
+                tools: conv.tools.clone(),
+            };
+            let rendered = whet_data::render_conversation(
+                tokenizer,
+                &step,
+                &Scaffold::default(),
+                whet_data::TrainOn::LastAssistantMessage,
+            )?;
+            let action: Vec<u32> = rendered
+                .tokens
+                .iter()
+                .zip(&rendered.weights)
+                .filter(|(_, &w)| w > 0.0)
+                .map(|(&t, _)| t)
+                .collect();
+            let text = tokenizer.decode(&action, true)?.trim().to_string();
+            let mut row = json!({
+                "messages": conv.messages[..i].to_vec(),
+                "expected_output": text,
+                "reward": reward,
+                "metadata": {"trajectory_id": value["trajectory_id"], "step": i},
+            });
+            if let Some(tools) = &conv.tools {
+                row["tools"] = json!(tools);
+            }
+            out.push((format!("{at} (message {i})"), Ok(row)));
+        }
     }
     Ok(out)
 }
