@@ -13,6 +13,9 @@ use crate::recipes::Recipe;
 use crate::rollouts::Prompt;
 use crate::RlError;
 
+/// A prompt row with its `file:line`, or why it could not be read.
+pub type PromptRow = (String, Result<Value, String>);
+
 /// The messages a row asks the policy to continue, and the prompt's text for the recipe.
 pub fn prompt_messages(row: &Value) -> Result<(Vec<Value>, String), String> {
     let Some(obj) = row.as_object() else {
@@ -74,7 +77,7 @@ pub fn load_prompts(
 /// Renders rows (each with its `file:line`, or why it could not be read) into prompts; every
 /// unusable row is reported, with its location.
 pub fn prompts_from_rows(
-    rows: Vec<(String, Result<Value, String>)>,
+    rows: Vec<PromptRow>,
     tokenizer: &Tokenizer,
     scaffold: &Scaffold<'_>,
     recipe: &dyn Recipe,
@@ -149,7 +152,7 @@ pub fn prompts_from_rows(
 pub fn trajectory_rows(
     path: &Path,
     tokenizer: &Tokenizer,
-) -> Result<Vec<(String, Result<Value, String>)>, RlError> {
+) -> Result<Vec<PromptRow>, RlError> {
     let mut out = Vec::new();
     for (line, value) in whet_data::read_values(path)? {
         let at = format!("{}:{line}", path.display());
