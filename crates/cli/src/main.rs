@@ -11,6 +11,7 @@ mod registry_cmd;
 mod sample_cmd;
 mod train_cmd;
 mod train_flags;
+mod worlds_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -54,6 +55,9 @@ enum Command {
     /// The capability registry (system prompt and tools): push, list, show.
     #[command(subcommand)]
     Capabilities(registry_cmd::Capabilities),
+    /// Worlds: play episodes against a world manifest and write ATIF trajectories.
+    #[command(subcommand)]
+    Worlds(worlds_cmd::Command),
     /// See what a dataset becomes for a model: tokens and trained tokens per row.
     #[command(subcommand)]
     Data(data_cmd::Command),
@@ -91,6 +95,7 @@ fn main() {
         Command::Worker(a) => jobs_cmd::worker(a),
         Command::Datasets(c) => registry_cmd::datasets(c),
         Command::Capabilities(c) => registry_cmd::capabilities(c),
+        Command::Worlds(c) => worlds_cmd::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -15,10 +15,12 @@
 
 pub mod advantages;
 pub mod config;
+pub mod episode;
 pub mod prompts;
 pub mod recipes;
 pub mod rollouts;
 mod step;
+pub mod world;
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;

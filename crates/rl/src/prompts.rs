@@ -149,10 +149,7 @@ pub fn prompts_from_rows(
 /// gives that assistant message, tool calls included, without the end-of-turn marker), and
 /// `reward` 1.0 when the episode succeeded, 0.0 when not (`trajectory_imitation_v1` pays it
 /// when a completion reproduces the action).
-pub fn trajectory_rows(
-    path: &Path,
-    tokenizer: &Tokenizer,
-) -> Result<Vec<PromptRow>, RlError> {
+pub fn trajectory_rows(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<PromptRow>, RlError> {
     let mut out = Vec::new();
     for (line, value) in whet_data::read_values(path)? {
         let at = format!("{}:{line}", path.display());

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 use whet_data::rows::TARGET_FIELDS;
 
-mod command;
+pub(crate) mod command;
 mod rows;
 
 use command::{CommandRecipe, COMMAND_PARAMS};

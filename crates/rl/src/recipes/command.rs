@@ -237,7 +237,7 @@ fn stderr_tail(reader: Option<JoinHandle<Vec<u8>>>, killed: bool) -> String {
 }
 
 /// Kills the program and its process group, and reaps it.
-fn kill(child: &mut Child) {
+pub(crate) fn kill(child: &mut Child) {
     #[cfg(unix)]
     if let Ok(pgid) = i32::try_from(child.id()) {
         // SAFETY: kill(2) takes plain integers and touches no memory of ours. The group is the
