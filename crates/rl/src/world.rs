@@ -140,7 +140,13 @@ impl Manifest {
                 "limits: max_turns, max_tokens_per_turn and timeout_sec must be positive".into(),
             ));
         }
-        m.dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        // Absolute: the world runs in this directory, and a relative program is taken from it
+        // (not from the directory the world is started in).
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        m.dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
         Ok(m)
     }
 
