@@ -151,9 +151,12 @@ pub struct RlFlags {
     #[arg(
         long,
         default_value = "",
-        required_unless_present = "trajectory_datasets"
+        required_unless_present_any = ["trajectory_datasets", "world_manifest"]
     )]
     prompt_dataset: String,
+    /// A world manifest (world.yaml): live RL on its episodes.
+    #[arg(long)]
+    world_manifest: Option<std::path::PathBuf>,
     /// ATIF trajectory datasets for offline RL (repeatable): one prompt per recorded agent
     /// step, scored by `trajectory_imitation_v1` unless another recipe is given.
     #[arg(long = "trajectory-dataset")]
@@ -269,7 +272,8 @@ impl RlFlags {
             "capability": self.capability,
             "tags": self.tags,
             "data": {"prompt_dataset": self.prompt_dataset, "eval_dataset": self.eval_dataset,
-                     "trajectory_datasets": self.trajectory_datasets},
+                     "trajectory_datasets": self.trajectory_datasets,
+                     "world_manifest": self.world_manifest},
             "reward": self.reward_recipe.map(|r| json!({"recipe": r, "params": params})),
             "rl": rl,
             "schedule": schedule,

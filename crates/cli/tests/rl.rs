@@ -214,3 +214,74 @@ fn offline_rl_trains_on_recorded_trajectories() {
     assert_eq!(rollouts.len(), 2 * 2 * 2);
     assert!(rollouts.iter().all(|x| x["reward"].is_number()));
 }
+
+/// Live RL against a world process: episodes in groups, per-turn rewards from the manifest's
+/// policy, reward-to-go advantages, `worlds/…` metrics, every episode in the rollouts log.
+#[test]
+fn live_rl_plays_a_world_and_trains_on_its_turns() {
+    let Some(model) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // A world whose reward depends on the action (the request line's length, odd or even),
+    // finishing on the second turn.
+    let script = r#"n=0
+while read -r line; do
+  case "$line" in
+    *'"reset"'*) echo '{"observation": [{"role": "user", "content": "Say something."}], "tools": []}' ;;
+    *'"step"'*) n=$((n+1)); v=$(( ${#line} % 2 ))
+      if [ "$n" -lt 2 ]; then d=false; r=null; else d=true; r='"finished"'; fi
+      echo "{\"observation\": [{\"role\": \"user\", \"content\": \"More.\"}], \"reward_signals\": [{\"source\": \"parity\", \"value\": $v}], \"done\": $d, \"termination_reason\": $r}" ;;
+    *) exit 0 ;;
+  esac
+done
+"#;
+    std::fs::write(tmp.path().join("world.sh"), script).unwrap();
+    let manifest = tmp.path().join("world.yaml");
+    std::fs::write(
+        &manifest,
+        "schema: 1\nname: parity\nversion: 1.0.0\nentrypoint: [\"sh\", \"world.sh\"]\n\
+         seeds: [1, 2]\nlimits: {max_turns: 3, max_tokens_per_turn: 6, timeout_sec: 10}\n\
+         reward_policy:\n  terminal: {finished: 0.5}\n",
+    )
+    .unwrap();
+    let home = tmp.path().join("home");
+    let r = json(&ok(&[
+        "train",
+        "rl",
+        "--model",
+        s(&model),
+        "--world-manifest",
+        s(&manifest),
+        "--num-rollouts",
+        "3",
+        "--groups-per-step",
+        "2",
+        "--steps",
+        "1",
+        "--home",
+        s(&home),
+        "--json",
+    ]));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["world_manifest_id"], "parity@1.0.0");
+    let id = r["id"].as_str().unwrap();
+    let m = json(
+        ok(&["jobs", "metrics", id, "--home", s(&home), "--json"])
+            .lines()
+            .last()
+            .unwrap(),
+    );
+    assert_eq!(m["worlds/success_rate"], 1.0, "{m}");
+    assert_eq!(m["worlds/turns_mean"], 2.0, "{m}");
+    assert_eq!(m["worlds/reward/terminal"], 0.5, "{m}");
+    assert!(m["worlds/reward/parity"].is_number(), "{m}");
+    let episodes: Vec<Value> =
+        std::fs::read_to_string(r["artifacts"]["rollouts"].as_str().unwrap())
+            .unwrap()
+            .lines()
+            .map(json)
+            .collect();
+    assert_eq!(episodes.len(), 2 * 3, "2 groups × 3 episodes");
+    assert!(episodes
+        .iter()
+        .all(|e| e["turns"].as_array().unwrap().len() == 2));
+}

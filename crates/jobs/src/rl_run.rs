@@ -102,6 +102,33 @@ impl whet_rl::Observer for RlRecorder<'_, '_> {
         }
     }
 
+    fn on_episodes(&mut self, step: usize, episodes: &[Vec<whet_rl::episode::Episode>]) {
+        let mut text = String::new();
+        for (g, group) in episodes.iter().enumerate() {
+            for (k, ep) in group.iter().enumerate() {
+                let line = json!({"step": step, "group": g, "episode": k, "task": ep.task,
+                                  "seed": ep.seed, "success": ep.success,
+                                  "termination_reason": ep.termination_reason,
+                                  "total_reward": ep.total_reward(), "turns": ep.turns,
+                                  "error": ep.error});
+                text.push_str(&format!("{line}\n"));
+            }
+        }
+        if let Some(e) = episodes.iter().flatten().find_map(|e| e.error.as_deref()) {
+            let n = episodes
+                .iter()
+                .flatten()
+                .filter(|e| e.error.is_some())
+                .count();
+            let data = json!({"event": "world_errors", "step": step, "count": n});
+            let message = format!("{n} episode(s) ended with a world error: {e}");
+            self.inner.log("warn", message, data);
+        }
+        if let Err(e) = self.rollouts.write_all(text.as_bytes()) {
+            tracing::warn!("writing {}: {e}", self.rollouts_path.display());
+        }
+    }
+
     fn on_checkpoint(&mut self, c: &Checkpoint) {
         whet_sft::Observer::on_checkpoint(self.inner, c);
     }
@@ -198,7 +225,22 @@ pub fn run(
     let rollouts = open_rollouts(&rollouts_path, start)?;
     record["artifacts"]["rollouts"] = json!(rollouts_path.display().to_string());
     record["data"] = json!({"prompts": prompts.len(), "eval_prompts": eval.len()});
+    let manifest = match &spec.data.world_manifest {
+        Some(w) => Some(
+            whet_rl::world::Manifest::from_file(w).map_err(|e| JobError::Invalid(e.to_string()))?,
+        ),
+        None => None,
+    };
+    if manifest.is_none() && prompts.is_empty() {
+        return Err(JobError::Invalid(
+            "the job has no prompts to train on".into(),
+        ));
+    }
     let run = whet_rl::Run {
+        world: manifest.as_ref().map(|m| whet_rl::WorldRun {
+            manifest: m,
+            system_prompt: system_prompt.as_deref(),
+        }),
         prompts: &prompts,
         eval: &eval,
         tokenizer: &tok,
@@ -208,8 +250,12 @@ pub fn run(
         schedule: &spec.schedule,
     };
     let mut recorder = Recorder::new(store, record.clone(), display, interrupted);
+    let slots = match &manifest {
+        Some(m) => m.tasks.len() * m.seeds.len(),
+        None => prompts.len(),
+    };
     let total = whet_sft::Plan::new(
-        prompts.len(),
+        slots,
         &whet_sft::ScheduleConfig {
             batch_size: rl.groups_per_step,
             batch_tokens: None,

@@ -143,7 +143,12 @@ fn resolve_refs(
     };
     let mut refs = json!({"dataset_ref": null, "eval_dataset_ref": null,
                           "trajectory_dataset_refs": [], "prompt_dataset_ref": null,
-                          "capability": null});
+                          "world_manifest_id": null, "capability": null});
+    if let Some(w) = &spec.data.world_manifest {
+        let m =
+            whet_rl::world::Manifest::from_file(w).map_err(|e| JobError::Invalid(e.to_string()))?;
+        refs["world_manifest_id"] = json!(format!("{}@{}", m.name, m.version));
+    }
     if spec.shape == Shape::Rl && !spec.data.prompt_dataset.is_empty() {
         out.data.prompt_dataset = pin(
             store,
@@ -195,6 +200,11 @@ pub fn submit(
     if let Some(a) = &spec.lora.init_adapter {
         if let Ok(abs) = std::fs::canonicalize(a) {
             spec.lora.init_adapter = Some(abs);
+        }
+    }
+    if let Some(w) = &spec.data.world_manifest {
+        if let Ok(abs) = std::fs::canonicalize(w) {
+            spec.data.world_manifest = Some(abs);
         }
     }
     let id = new_id(&spec.name);

@@ -58,6 +58,8 @@ pub struct DataSpec {
     /// RL: the prompts the policy answers (`name@version[:split]` or a file), each row scored
     /// by the `[reward]` recipe.
     pub prompt_dataset: String,
+    /// RL: a world manifest (`world.yaml`) to play live episodes in.
+    pub world_manifest: Option<PathBuf>,
     /// Which messages carry loss.
     pub train_on: TrainOn,
     /// Longest sequence in tokens (default: the model's context).
@@ -74,6 +76,7 @@ impl Default for DataSpec {
             eval_dataset: None,
             trajectory_datasets: vec![],
             prompt_dataset: String::new(),
+            world_manifest: None,
             train_on: TrainOn::AllAssistantMessages,
             max_length: None,
             overflow: Overflow::Truncate,
@@ -180,6 +183,11 @@ impl JobSpec {
         spec.data.dataset = resolve(&spec.data.dataset);
         spec.data.eval_dataset = spec.data.eval_dataset.as_deref().map(resolve);
         spec.data.prompt_dataset = resolve(&spec.data.prompt_dataset);
+        if let Some(w) = &spec.data.world_manifest {
+            if w.is_relative() && base.join(w).exists() {
+                spec.data.world_manifest = Some(base.join(w));
+            }
+        }
         spec.data.trajectory_datasets = spec
             .data
             .trajectory_datasets
@@ -242,14 +250,21 @@ impl JobSpec {
                 }
             }
             Shape::Rl => {
-                if self.data.prompt_dataset.trim().is_empty()
-                    && self.data.trajectory_datasets.is_empty()
-                {
+                let sources = usize::from(!self.data.prompt_dataset.trim().is_empty())
+                    + usize::from(!self.data.trajectory_datasets.is_empty())
+                    + usize::from(self.data.world_manifest.is_some());
+                if sources == 0 {
                     return Err(
-                        "an RL job needs `data.prompt_dataset` (prompts to answer) or \
-                                `data.trajectory_datasets` (offline RL)"
+                        "an RL job needs `data.prompt_dataset` (prompts to answer), \
+                                `data.trajectory_datasets` (offline RL) or `data.world_manifest` \
+                                (live episodes)"
                             .into(),
                     );
+                }
+                if self.data.world_manifest.is_some() && sources > 1 {
+                    return Err("`data.world_manifest` is the job's only experience source \
+                                (leave out prompt_dataset and trajectory_datasets)"
+                        .into());
                 }
                 if !self.data.dataset.is_empty() {
                     return Err("an RL job takes its rows from `data.prompt_dataset` or \

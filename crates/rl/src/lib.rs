@@ -35,7 +35,7 @@ pub use config::{Algorithm, ExecutionMode, RewardConfig, RlConfig};
 pub use prompts::{load_prompts, prompt_messages, prompts_from_rows, trajectory_rows};
 pub use recipes::{recipe, Recipe, RewardError};
 pub use rollouts::{Prompt, Rollout};
-use step::{sample_batch, train_batch, Batch};
+use step::{sample_batch, sample_world_batch, train_batch, Batch};
 
 /// Errors of the RL loop.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,8 @@ pub trait Observer {
     fn on_step(&mut self, metrics: &Metrics) -> Control;
     /// The step's rollouts (for the job's rollout log).
     fn on_rollouts(&mut self, _step: usize, _prompts: &[&Prompt], _groups: &[Vec<Rollout>]) {}
+    /// The step's world episodes (live RL), one list per group.
+    fn on_episodes(&mut self, _step: usize, _episodes: &[Vec<episode::Episode>]) {}
     /// After each checkpoint.
     fn on_checkpoint(&mut self, checkpoint: &Checkpoint);
     /// The eval reward before the first step.
@@ -112,6 +114,18 @@ pub struct Run<'a> {
     pub optimizer: &'a OptimizerConfig,
     /// `[schedule]` (its `batch_size` is `rl.groups_per_step`).
     pub schedule: &'a ScheduleConfig,
+    /// Live RL: the world the episodes are played in (then `prompts` is unused: the plan runs
+    /// over the manifest's (task, seed) slots).
+    pub world: Option<WorldRun<'a>>,
+}
+
+/// The world of a live-RL run.
+#[derive(Clone, Copy)]
+pub struct WorldRun<'a> {
+    /// Its manifest.
+    pub manifest: &'a world::Manifest,
+    /// The capability's system prompt, before the world's first observation.
+    pub system_prompt: Option<&'a str>,
 }
 
 impl Run<'_> {
@@ -123,6 +137,21 @@ impl Run<'_> {
             gradient_accumulation_steps: 1,
             ..self.schedule.clone()
         }
+    }
+}
+
+/// Samples a step's batch: prompts and recipe, or episodes in the world.
+fn sample(
+    sampler: &dyn SamplingClient,
+    run: &Run<'_>,
+    plan: &whet_sft::Plan,
+    step: usize,
+    version: usize,
+) -> Result<Batch, RlError> {
+    if run.world.is_some() {
+        sample_world_batch(sampler, run, plan, step, version)
+    } else {
+        sample_batch(sampler, run, plan, step, version)
     }
 }
 
@@ -144,7 +173,11 @@ pub fn train(
 ) -> Result<Outcome, RlError> {
     run.rl.check().map_err(RlError::Config)?;
     let schedule = run.schedule();
-    let plan = whet_sft::Plan::new(run.prompts.len(), &schedule)?;
+    let slots = match &run.world {
+        Some(w) => w.manifest.tasks.len() * w.manifest.seeds.len(),
+        None => run.prompts.len(),
+    };
+    let plan = whet_sft::Plan::new(slots, &schedule)?;
     let total = plan.total_steps();
     if start_step > total {
         return Err(RlError::Config(format!(
@@ -184,7 +217,7 @@ pub fn train(
                     while let Ok((v, s)) = weights_rx.try_recv() {
                         (version, sampler) = (v, s);
                     }
-                    let batch = sample_batch(sampler.as_ref(), run, plan, step, version);
+                    let batch = sample(sampler.as_ref(), run, plan, step, version);
                     let failed = batch.is_err();
                     if batches_tx.send(batch).is_err() || failed {
                         return;
@@ -204,22 +237,21 @@ pub fn train(
                         sampler = Some(client.sampling_client()?);
                     }
                     let s = sampler.as_deref().ok_or_else(stopped_thread)?;
-                    sample_batch(s, run, plan, step, step)?
+                    sample(s, run, plan, step, step)?
                 }
                 ExecutionMode::OneStepOffAsync => {
                     let batch = match next.take() {
                         Some(h) => h.join().map_err(|_| stopped_thread())??,
                         None => {
                             let s = client.sampling_client()?;
-                            sample_batch(s.as_ref(), run, plan, step, step)?
+                            sample(s.as_ref(), run, plan, step, step)?
                         }
                     };
                     if step + 1 < total {
                         let s = client.sampling_client()?;
-                        next =
-                            Some(scope.spawn(move || {
-                                sample_batch(s.as_ref(), run, plan, step + 1, step)
-                            }));
+                        next = Some(
+                            scope.spawn(move || sample(s.as_ref(), run, plan, step + 1, step)),
+                        );
                     }
                     batch
                 }
@@ -272,6 +304,9 @@ pub fn train(
             }
             let prompts: Vec<&Prompt> = batch.prompts.iter().map(|&i| &run.prompts[i]).collect();
             observer.on_rollouts(done, &prompts, &batch.groups);
+            if !batch.episodes.is_empty() {
+                observer.on_episodes(done, &batch.episodes);
+            }
             let control = observer.on_step(&m);
             // 4. Checkpoints, as for SFT.
             if last {

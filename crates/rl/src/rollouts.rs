@@ -42,6 +42,9 @@ pub struct Rollout {
     pub error: Option<String>,
     /// Its advantage (set once the group is scored).
     pub advantage: f64,
+    /// The prompt it continued, when it is not its group's (a world episode's turn).
+    #[serde(skip)]
+    pub prompt: Option<Vec<i64>>,
 }
 
 /// Samples `n` completions of `prompt` with `sampler` and scores each with `recipe`.
@@ -78,6 +81,7 @@ pub fn sample_group(
                 metrics,
                 error,
                 advantage: 0.0,
+                prompt: None,
             })
         })
         .collect()
@@ -146,6 +150,7 @@ mod tests {
             metrics: BTreeMap::new(),
             error: None,
             advantage: 0.5,
+            prompt: None,
         };
         let d = datum(&[1, 2, 3], &r, 2.0);
         assert_eq!(d.model_input.to_ints(), vec![1, 2, 3, 7, 8]);

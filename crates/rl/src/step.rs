@@ -6,7 +6,10 @@ use std::time::Instant;
 use whet_contract::{SamplingClient, TrainingClient};
 use whet_sft::Plan;
 
-use crate::advantages::{group_advantages, group_kind, GroupKind};
+use std::collections::BTreeMap;
+
+use crate::advantages::{group_advantages, group_kind, reward_to_go, GroupKind};
+use crate::episode::{self, Episode};
 use crate::rollouts::{self, Rollout};
 use crate::{seed, Metrics, RlError, Run};
 
@@ -22,6 +25,9 @@ pub struct Batch {
     pub groups: Vec<Vec<Rollout>>,
     /// Seconds spent sampling and scoring.
     pub seconds: f64,
+    /// World episodes, one list per group (live RL): then every rollout is one turn, with its
+    /// own prompt and its advantage already set (reward-to-go minus the group's mean return).
+    pub episodes: Vec<Vec<Episode>>,
 }
 
 /// Samples and scores the groups of plan step `step` with `sampler` (policy `version`).
@@ -59,6 +65,77 @@ pub fn sample_batch(
         prompts,
         groups,
         seconds: started.elapsed().as_secs_f64(),
+        episodes: vec![],
+    })
+}
+
+/// Plays the episodes of plan step `step` against the run's world: `num_rollouts` episodes of
+/// each of the step's (task, seed) slots. Each turn becomes a rollout whose advantage is its
+/// reward-to-go minus the mean return of the slot's episodes (÷ their std when normalising).
+pub fn sample_world_batch(
+    sampler: &dyn SamplingClient,
+    run: &Run<'_>,
+    plan: &Plan,
+    step: usize,
+    version: usize,
+) -> Result<Batch, RlError> {
+    let started = Instant::now();
+    let world = run
+        .world
+        .as_ref()
+        .ok_or_else(|| RlError::Config("no world".into()))?;
+    let slots = plan.batch(step);
+    let (mut groups, mut episodes) = (Vec::new(), Vec::new());
+    for (g, &slot) in slots.iter().enumerate() {
+        let (task, world_seed) = world.manifest.episode(slot);
+        let eps: Vec<Episode> = (0..run.rl.num_rollouts)
+            .map(|k| {
+                episode::play(
+                    world.manifest,
+                    sampler,
+                    run.tokenizer,
+                    world.system_prompt,
+                    &task,
+                    world_seed,
+                    seed(run.schedule.seed, step, g).wrapping_add(k as u64 * 7919),
+                    run.rl.temperature,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        let returns: Vec<f64> = eps.iter().map(Episode::total_reward).collect();
+        let centered = group_advantages(&returns, run.rl.normalize_advantages);
+        let mut group = Vec::new();
+        for ((ep, ret), a) in eps.iter().zip(&returns).zip(&centered) {
+            // advantage_t = rtg_t − baseline, baseline = return − centered advantage.
+            let baseline = ret - a;
+            let rewards: Vec<f64> = ep.turns.iter().map(|t| t.reward).collect();
+            for (turn, rtg) in ep.turns.iter().zip(reward_to_go(&rewards)) {
+                group.push(Rollout {
+                    tokens: turn.tokens.clone(),
+                    logprobs: turn.logprobs.clone(),
+                    completion: turn.completion.clone(),
+                    reward: Some(rtg),
+                    metrics: BTreeMap::new(),
+                    error: ep.error.clone(),
+                    advantage: if run.rl.normalize_advantages && (ret - baseline).abs() > 0.0 {
+                        (rtg - baseline) * a / (ret - baseline)
+                    } else {
+                        rtg - baseline
+                    },
+                    prompt: Some(turn.prompt_tokens.clone()),
+                });
+            }
+        }
+        groups.push(group);
+        episodes.push(eps);
+    }
+    Ok(Batch {
+        step,
+        version,
+        prompts: vec![],
+        groups,
+        seconds: started.elapsed().as_secs_f64(),
+        episodes,
     })
 }
 
@@ -71,16 +148,24 @@ pub fn train_batch(
     lr: f64,
 ) -> Result<Metrics, RlError> {
     let started = Instant::now();
-    // Advantages within each group; failed rollouts are left out of it.
+    // Advantages within each group; failed rollouts are left out of it. World batches come
+    // with theirs set; their groups are judged by the episodes' returns.
     let (mut good, mut bad, mut mixed, mut failed) = (0usize, 0usize, 0usize, 0usize);
     let mut rewards = Vec::new();
     let mut trainable: Vec<(usize, usize)> = Vec::new();
+    let world = !batch.episodes.is_empty();
     for (g, group) in batch.groups.iter_mut().enumerate() {
-        let scored: Vec<usize> = (0..group.len())
-            .filter(|&i| group[i].reward.is_some())
-            .collect();
-        failed += group.len() - scored.len();
-        let r: Vec<f64> = scored.iter().filter_map(|&i| group[i].reward).collect();
+        let r: Vec<f64> = if world {
+            batch.episodes[g]
+                .iter()
+                .map(Episode::total_reward)
+                .collect()
+        } else {
+            group.iter().filter_map(|x| x.reward).collect()
+        };
+        if !world {
+            failed += group.iter().filter(|x| x.reward.is_none()).count();
+        }
         rewards.extend(&r);
         let kind = group_kind(&r);
         match kind {
@@ -91,6 +176,17 @@ pub fn train_batch(
         if r.len() < 2 || (kind != GroupKind::Mixed && run.rl.remove_constant_reward_groups) {
             continue;
         }
+        if world {
+            trainable.extend(
+                (0..group.len())
+                    .filter(|&i| group[i].advantage != 0.0)
+                    .map(|i| (g, i)),
+            );
+            continue;
+        }
+        let scored: Vec<usize> = (0..group.len())
+            .filter(|&i| group[i].reward.is_some())
+            .collect();
         for (&i, a) in scored
             .iter()
             .zip(group_advantages(&r, run.rl.normalize_advantages))
@@ -102,7 +198,12 @@ pub fn train_batch(
     // The advantages are divided by the step's completion-token count: the loss is a mean
     // over sampled tokens. A step with nothing to train still takes its (zero-gradient)
     // optimizer step, so the schedule and the optimizer state stay aligned with the plan.
-    let prompt_of = |g: usize| &run.prompts[batch.prompts[g]];
+    let prompt_of = |g: usize, i: usize| -> &[i64] {
+        match &batch.groups[g][i].prompt {
+            Some(p) => p,
+            None => &run.prompts[batch.prompts[g]].tokens,
+        }
+    };
     let completion_tokens: usize = trainable
         .iter()
         .map(|&(g, i)| batch.groups[g][i].tokens.len())
@@ -110,7 +211,7 @@ pub fn train_batch(
     let scale = 1.0 / completion_tokens.max(1) as f64;
     let datums: Vec<_> = trainable
         .iter()
-        .map(|&(g, i)| rollouts::datum(&prompt_of(g).tokens, &batch.groups[g][i], scale))
+        .map(|&(g, i)| rollouts::datum(prompt_of(g, i), &batch.groups[g][i], scale))
         .collect();
     let (loss_fn, loss_config) = run.rl.loss();
     let mut loss = 0.0;
@@ -124,7 +225,7 @@ pub fn train_batch(
                 .get("logprobs")
                 .map(|t| t.to_f32_vec())
                 .unwrap_or_default();
-            let first = prompt_of(g).tokens.len() - 1;
+            let first = prompt_of(g, i).len() - 1;
             for (k, old) in batch.groups[g][i].logprobs.iter().enumerate() {
                 if let Some(&new) = new.get(first + k) {
                     let d = (*old - new) as f64;
@@ -172,5 +273,41 @@ pub fn train_batch(
     m.insert("num_tokens".into(), tokens as f64);
     m.insert("time/sample".into(), batch.seconds);
     m.insert("time/train".into(), train_seconds);
+    if world {
+        world_metrics(run, &batch.episodes, &mut m);
+    }
     Ok(m)
+}
+
+/// `worlds/success_rate`, `worlds/turns_mean`, `worlds/episodes_error` and
+/// `worlds/reward/<source>` (per episode, what each signal source contributed under the
+/// manifest's policy; `terminal` for the end-of-episode rewards).
+fn world_metrics(run: &Run<'_>, episodes: &[Vec<Episode>], m: &mut Metrics) {
+    let Some(world) = &run.world else { return };
+    let all: Vec<&Episode> = episodes.iter().flatten().collect();
+    let n = all.len().max(1) as f64;
+    let mut by_source: BTreeMap<String, f64> = BTreeMap::new();
+    for ep in &all {
+        for t in &ep.turns {
+            for s in &t.signals {
+                let v = world.manifest.turn_reward(std::slice::from_ref(s));
+                *by_source.entry(s.source.clone()).or_default() += v;
+            }
+        }
+        *by_source.entry("terminal".into()).or_default() +=
+            world.manifest.terminal_reward(&ep.termination_reason);
+    }
+    let count = |f: &dyn Fn(&Episode) -> bool| all.iter().filter(|e| f(e)).count() as f64 / n;
+    m.insert("worlds/success_rate".into(), count(&|e| e.success));
+    m.insert(
+        "worlds/episodes_error".into(),
+        count(&|e| e.error.is_some()) * n,
+    );
+    m.insert(
+        "worlds/turns_mean".into(),
+        all.iter().map(|e| e.turns.len()).sum::<usize>() as f64 / n,
+    );
+    for (source, v) in by_source {
+        m.insert(format!("worlds/reward/{source}"), v / n);
+    }
 }

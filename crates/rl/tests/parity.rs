@@ -106,6 +106,7 @@ impl Fixture {
                         metrics: BTreeMap::new(),
                         error: None,
                         advantage: 0.0,
+                        prompt: None,
                     })
                     .collect()
             })
@@ -538,6 +539,7 @@ fn one_rl_step_of_the_loop_matches_torch() {
                     rl: &rl,
                     optimizer: &optimizer,
                     schedule: &schedule,
+                    world: None,
                 };
                 let ckpt = tempfile::tempdir().unwrap();
                 let mut client = Scripted {

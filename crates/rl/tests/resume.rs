@@ -113,6 +113,7 @@ fn a_resumed_rl_run_ends_with_the_same_adapter_bitwise() {
         rl: &rl,
         optimizer: &optimizer,
         schedule: &schedule,
+        world: None,
     };
     let adapter =
         |dir: &str| std::fs::read(Path::new(dir).join("adapter_model.safetensors")).unwrap();
@@ -195,6 +196,7 @@ fn async_modes_respect_their_staleness_bound() {
             rl: &rl,
             optimizer: &optimizer,
             schedule: &schedule,
+            world: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let mut log = Log::default();
