@@ -88,6 +88,10 @@ pub trait TrainingClient: Send {
     /// A sampler on the current weights (a snapshot: later training does not change it).
     fn sampling_client(&mut self) -> Result<Box<dyn SamplingClient>>;
 
+    /// A sampler on the base model alone (the adapter switched off): the reference policy of a
+    /// KL penalty.
+    fn base_sampling_client(&mut self) -> Result<Box<dyn SamplingClient>>;
+
     /// What the session trains.
     fn get_info(&self) -> Result<ModelInfo>;
 }

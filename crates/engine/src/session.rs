@@ -316,6 +316,14 @@ impl TrainingClient for TrainingSession {
         )))
     }
 
+    fn base_sampling_client(&mut self) -> Result<Box<dyn SamplingClient>, ContractError> {
+        Ok(Box::new(Sampler::new(
+            self.model.clone(),
+            None,
+            self.sampler_options.clone(),
+        )))
+    }
+
     fn get_info(&self) -> Result<ModelInfo, ContractError> {
         Ok(ModelInfo {
             model_name: self.base_name.clone(),

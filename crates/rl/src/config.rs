@@ -69,6 +69,9 @@ pub struct RlConfig {
     pub beta: f64,
     /// Refresh the sampler's weights every this many steps (1: always on-policy).
     pub weight_sync_interval: usize,
+    /// β of a KL penalty against the base model (the adapter switched off): each sampled
+    /// token's advantage loses β·(logp_policy − logp_base). 0 turns it off.
+    pub kl_penalty_coef: f64,
     /// Eval prompts scored per evaluation (greedy, one rollout each).
     pub eval_max_rollouts: usize,
 }
@@ -92,6 +95,7 @@ impl Default for RlConfig {
             clip_high_threshold: 1.2,
             beta: 0.05,
             weight_sync_interval: 1,
+            kl_penalty_coef: 0.0,
             eval_max_rollouts: 64,
         }
     }
@@ -120,6 +124,9 @@ impl RlConfig {
         }
         if self.max_turns == 0 {
             return Err("`rl.max_turns` must be at least 1".into());
+        }
+        if !(self.kl_penalty_coef >= 0.0 && self.kl_penalty_coef.is_finite()) {
+            return Err("`rl.kl_penalty_coef` must be 0 or more".into());
         }
         if self.weight_sync_interval == 0 {
             return Err("`rl.weight_sync_interval` must be at least 1".into());

@@ -111,6 +111,12 @@ pub fn params(
 /// completion's targets only — the prompt's positions carry 0 and so no gradient.
 /// `scale` multiplies the advantage (the loop's normalisation).
 pub fn datum(prompt: &[i64], rollout: &Rollout, scale: f64) -> Datum {
+    datum_with_penalty(prompt, rollout, scale, &[])
+}
+
+/// [`datum`], each completion token's advantage lowered by `penalty[k]` (a KL penalty; empty
+/// for none) before scaling.
+pub fn datum_with_penalty(prompt: &[i64], rollout: &Rollout, scale: f64, penalty: &[f64]) -> Datum {
     let tokens: Vec<i64> = prompt.iter().chain(&rollout.tokens).copied().collect();
     let n = tokens.len() - 1;
     // Targets at positions ≥ prompt.len() − 1 are completion tokens.
@@ -120,7 +126,8 @@ pub fn datum(prompt: &[i64], rollout: &Rollout, scale: f64) -> Datum {
     for (k, &lp) in rollout.logprobs.iter().enumerate() {
         if first + k < n {
             logprobs[first + k] = lp;
-            advantages[first + k] = (rollout.advantage * scale) as f32;
+            let p = penalty.get(k).copied().unwrap_or(0.0);
+            advantages[first + k] = ((rollout.advantage - p) * scale) as f32;
         }
     }
     let mut inputs = BTreeMap::new();

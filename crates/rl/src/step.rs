@@ -209,9 +209,41 @@ pub fn train_batch(
         .map(|&(g, i)| batch.groups[g][i].tokens.len())
         .sum();
     let scale = 1.0 / completion_tokens.max(1) as f64;
+    // The KL penalty: each sampled token's logprob under the policy that sampled it against
+    // the base model's (one forward pass of the base per trained rollout).
+    let (mut kl_base, mut n_base) = (0.0, 0usize);
+    let penalties: Vec<Vec<f64>> = if run.rl.kl_penalty_coef > 0.0 && !trainable.is_empty() {
+        let base = client.base_sampling_client()?;
+        trainable
+            .iter()
+            .map(|&(g, i)| {
+                let r = &batch.groups[g][i];
+                let prompt = prompt_of(g, i);
+                let tokens: Vec<i64> = prompt.iter().chain(&r.tokens).copied().collect();
+                let lp = base.compute_logprobs(&whet_contract::ModelInput::from_ints(tokens))?;
+                Ok(r.logprobs
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &old)| {
+                        let b = lp.get(prompt.len() + k).copied().flatten().unwrap_or(old);
+                        let d = (old - b) as f64;
+                        kl_base += d;
+                        n_base += 1;
+                        run.rl.kl_penalty_coef * d
+                    })
+                    .collect())
+            })
+            .collect::<Result<_, RlError>>()?
+    } else {
+        vec![]
+    };
     let datums: Vec<_> = trainable
         .iter()
-        .map(|&(g, i)| rollouts::datum(prompt_of(g, i), &batch.groups[g][i], scale))
+        .enumerate()
+        .map(|(n, &(g, i))| {
+            let penalty = penalties.get(n).map(Vec::as_slice).unwrap_or(&[]);
+            rollouts::datum_with_penalty(prompt_of(g, i), &batch.groups[g][i], scale, penalty)
+        })
         .collect();
     let (loss_fn, loss_config) = run.rl.loss();
     let mut loss = 0.0;
@@ -273,6 +305,9 @@ pub fn train_batch(
     m.insert("num_tokens".into(), tokens as f64);
     m.insert("time/sample".into(), batch.seconds);
     m.insert("time/train".into(), train_seconds);
+    if run.rl.kl_penalty_coef > 0.0 {
+        m.insert("kl/policy_base".into(), kl_base / n_base.max(1) as f64);
+    }
     if world {
         world_metrics(run, &batch.episodes, &mut m);
     }

@@ -414,6 +414,9 @@ impl TrainingClient for Scripted {
     fn sampling_client(&mut self) -> Result<Box<dyn SamplingClient>, ContractError> {
         Ok(Box::new(ScriptedSampler(self.script.clone())))
     }
+    fn base_sampling_client(&mut self) -> Result<Box<dyn SamplingClient>, ContractError> {
+        self.session.base_sampling_client()
+    }
     fn get_info(&self) -> Result<ModelInfo, ContractError> {
         self.session.get_info()
     }

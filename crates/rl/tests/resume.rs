@@ -218,3 +218,66 @@ fn async_modes_respect_their_staleness_bound() {
         assert!(log.steps.iter().any(|m| m["rollouts/trained"] > 0.0));
     }
 }
+
+/// The KL penalty against the base model: at the start the adapter is zero (PEFT's init), so
+/// policy and base agree and the first step trains as without the penalty; once the policy has
+/// moved, `kl/policy_base` measures how far.
+#[test]
+fn the_kl_penalty_is_zero_at_the_base_and_grows_as_the_policy_moves() {
+    let Some(tok) = tokenizer() else { return };
+    let prompts: Vec<Prompt> = (0..4)
+        .map(|i| Prompt {
+            tokens: vec![1, 60 + i, 70 + i],
+            text: format!("prompt {i}"),
+            row: json!({}),
+            location: format!("prompts.jsonl:{}", i + 1),
+        })
+        .collect();
+    let optimizer = OptimizerConfig {
+        learning_rate: 5e-2,
+        ..Default::default()
+    };
+    let schedule = ScheduleConfig {
+        epochs: 2,
+        shuffle: false,
+        ..Default::default()
+    };
+    let run_with = |coef: f64| {
+        let rl = RlConfig {
+            num_rollouts: 4,
+            groups_per_step: 2,
+            max_new_tokens: 6,
+            kl_penalty_coef: coef,
+            ..RlConfig::default()
+        };
+        let run = Run {
+            prompts: &prompts,
+            eval: &[],
+            tokenizer: &tok,
+            recipe: &Length,
+            rl: &rl,
+            optimizer: &optimizer,
+            schedule: &schedule,
+            world: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::default();
+        whet_rl::train(&mut session(dir.path()), &run, 0, &mut log).unwrap();
+        log.steps
+    };
+    let plain = run_with(0.0);
+    let kl = run_with(0.5);
+    assert!(!plain[0].contains_key("kl/policy_base"));
+    assert!(
+        kl[0]["kl/policy_base"].abs() < 1e-4,
+        "{}",
+        kl[0]["kl/policy_base"]
+    );
+    assert!((kl[0]["loss"] - plain[0]["loss"]).abs() <= 1e-4 * plain[0]["loss"].abs().max(1e-3));
+    let later = kl
+        .iter()
+        .skip(1)
+        .map(|m| m["kl/policy_base"].abs())
+        .fold(0.0, f64::max);
+    assert!(later > 1e-3, "the policy moved away from the base: {later}");
+}
