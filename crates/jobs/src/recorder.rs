@@ -88,6 +88,41 @@ impl<'s> Recorder<'s> {
         }
     }
 
+    /// Ends the run: the `training_end` event, then the final record — `completed` (with the
+    /// last checkpoint's adapter as `final_adapter`) or `cancelled` (its last checkpoint kept,
+    /// no final adapter) — saved, and returned.
+    pub fn finish(&mut self, steps: usize, cancelled: bool) -> Result<Value, JobError> {
+        let (level, message, data) = if cancelled {
+            (
+                "warn",
+                format!("cancelled after step {steps}"),
+                json!({"event": "training_end", "steps": steps, "cancelled": true}),
+            )
+        } else {
+            (
+                "info",
+                format!("completed {steps} steps"),
+                json!({"event": "training_end", "steps": steps}),
+            )
+        };
+        self.log(level, message, data);
+        let final_adapter = self
+            .checkpoints
+            .last()
+            .filter(|_| !cancelled)
+            .map(|c| c.adapter.clone());
+        let r = &mut self.record;
+        r["status"] = json!(if cancelled { "cancelled" } else { "completed" });
+        if let Some(last) = &self.last {
+            r["metrics"] = json!(last);
+        }
+        r["artifacts"]["checkpoints"] = json!(self.checkpoints);
+        r["artifacts"]["final_adapter"] = json!(final_adapter);
+        r["completed_at"] = json!(crate::now_rfc3339());
+        self.save()?;
+        Ok(self.record.clone())
+    }
+
     /// Records a metrics row.
     pub fn metrics(&mut self, step: usize, row: &Value) {
         let id = self.id();

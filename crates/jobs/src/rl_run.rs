@@ -302,33 +302,6 @@ pub fn run(
         }
     };
     let cancelled = outcome.stopped;
-    let steps = outcome.steps;
-    let (level, message, data) = if cancelled {
-        (
-            "warn",
-            format!("cancelled after step {steps}"),
-            json!({"event": "training_end", "steps": steps, "cancelled": true}),
-        )
-    } else {
-        (
-            "info",
-            format!("completed {steps} steps"),
-            json!({"event": "training_end", "steps": steps}),
-        )
-    };
-    recorder.log(level, message, data);
-    let final_adapter = recorder
-        .checkpoints
-        .last()
-        .filter(|_| !cancelled)
-        .map(|c| c.adapter.clone());
-    let mut r = recorder.record.clone();
-    r["status"] = json!(if cancelled { "cancelled" } else { "completed" });
-    r["artifacts"]["checkpoints"] = json!(recorder.checkpoints);
-    r["artifacts"]["final_adapter"] = json!(final_adapter);
-    r["completed_at"] = json!(crate::now_rfc3339());
-    recorder.record = r.clone();
-    recorder.save()?;
-    *record = r;
+    *record = recorder.finish(outcome.steps, cancelled)?;
     Ok(())
 }

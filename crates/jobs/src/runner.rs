@@ -525,35 +525,7 @@ fn train(
             json!({"prompt": question, "before": b, "after": a})
         })
         .collect();
-    let steps = outcome.steps;
-    let (level, message, data) = if cancelled {
-        (
-            "warn",
-            format!("cancelled after step {steps}"),
-            json!({"event": "training_end", "steps": steps, "cancelled": true}),
-        )
-    } else {
-        (
-            "info",
-            format!("completed {steps} steps"),
-            json!({"event": "training_end", "steps": steps}),
-        )
-    };
-    recorder.log(level, message, data);
-    let final_adapter = recorder
-        .checkpoints
-        .last()
-        .filter(|_| !cancelled)
-        .map(|c| c.adapter.clone());
-    let mut r = recorder.record.clone();
-    r["status"] = json!(if cancelled { "cancelled" } else { "completed" });
-    r["metrics"] = json!(recorder.last);
-    r["artifacts"]["checkpoints"] = json!(recorder.checkpoints);
-    r["artifacts"]["final_adapter"] = json!(final_adapter);
-    r["preview"] = json!(preview);
-    r["completed_at"] = json!(crate::now_rfc3339());
-    recorder.record = r.clone();
-    recorder.save()?;
-    *record = r;
+    recorder.record["preview"] = json!(preview);
+    *record = recorder.finish(outcome.steps, cancelled)?;
     Ok(())
 }
