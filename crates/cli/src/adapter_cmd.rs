@@ -37,23 +37,7 @@ pub fn run(c: Command) -> Result<()> {
         out,
         json,
     } = c;
-    if out.exists() {
-        anyhow::bail!(
-            "{}: already exists; choose a new output directory",
-            out.display()
-        );
-    }
-    // A GGUF model has no tokenizer files: the merged directory gets the ones whet builds.
-    let is_gguf = matches!(ModelSource::resolve(&model)?, ModelSource::Gguf(_));
-    let loaded = common::load(&model, Precision::F32, is_gguf)?;
-    let lora = common::load_adapter(&loaded, &adapter)?;
-    // A GGUF model has no tokenizer files: write the ones whet built from its metadata.
-    let extra = match &loaded.source {
-        ModelSource::Gguf(_) => tokenizer_files(&loaded)?,
-        ModelSource::HfDir(_) => vec![],
-    };
-    merge::write_merged(&loaded.model, Some(&lora), &loaded.source, &extra, &out)
-        .with_context(|| format!("writing {}", out.display()))?;
+    merge_to(&model, &adapter, &out)?;
     if json {
         println!(
             "{}",
@@ -67,6 +51,29 @@ pub fn run(c: Command) -> Result<()> {
             out.display()
         );
     }
+    Ok(())
+}
+
+/// Merges `adapter` into `model` and writes a plain Hugging Face directory at `out` (which
+/// must not exist).
+pub fn merge_to(model: &str, adapter: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    if out.exists() {
+        anyhow::bail!(
+            "{}: already exists; choose a new output directory",
+            out.display()
+        );
+    }
+    // A GGUF model has no tokenizer files: the merged directory gets the ones whet builds.
+    let is_gguf = matches!(ModelSource::resolve(model)?, ModelSource::Gguf(_));
+    let loaded = common::load(model, Precision::F32, is_gguf)?;
+    let lora = common::load_adapter(&loaded, adapter)?;
+    // A GGUF model has no tokenizer files: write the ones whet built from its metadata.
+    let extra = match &loaded.source {
+        ModelSource::Gguf(_) => tokenizer_files(&loaded)?,
+        ModelSource::HfDir(_) => vec![],
+    };
+    merge::write_merged(&loaded.model, Some(&lora), &loaded.source, &extra, out)
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 

@@ -26,6 +26,29 @@ pub struct ModelArgs {
     pub precision: Precision,
 }
 
+impl ModelArgs {
+    /// A published model (`name@version`, `name@alias`) becomes its base model and adapter;
+    /// anything else is left as typed.
+    pub fn resolve_published(mut self) -> Result<Self> {
+        if std::path::Path::new(&self.model).exists() || !self.model.contains('@') {
+            return Ok(self);
+        }
+        let home = whet_jobs::Home::resolve(None)?;
+        let store = whet_jobs::Store::open(&home.db())?;
+        if let Some(r) = whet_jobs::models::resolve(&home, &store, &self.model)? {
+            if self.adapter.is_some() {
+                anyhow::bail!(
+                    "--model {}: a published model brings its own adapter; leave out --adapter",
+                    self.model
+                );
+            }
+            self.model = r.base_model;
+            self.adapter = Some(r.adapter);
+        }
+        Ok(self)
+    }
+}
+
 /// A base model ready to use, with its tokenizer.
 pub struct Loaded {
     /// What the user typed.

@@ -26,8 +26,9 @@ pub struct Args {
 const CHUNK: usize = 16;
 
 /// Prints `{"logprobs": [...], "loss": −Σ weights·lp}` per datum, in order.
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
     let data = whet_data::read_datums_jsonl(&a.data)?;
+    a.m = a.m.resolve_published()?;
     let loaded = common::load(&a.m.model, a.m.precision, false)?;
     // Every datum is checked before any compute.
     whet_engine::batch::prepare(&data, LossFn::CrossEntropy, &loaded.model.config)

@@ -7,6 +7,7 @@ mod data_cmd;
 mod jobs_cmd;
 mod logprobs_cmd;
 mod model_cmd;
+mod models_cmd;
 mod registry_cmd;
 mod sample_cmd;
 mod train_cmd;
@@ -55,6 +56,9 @@ enum Command {
     /// The capability registry (system prompt and tools): push, list, show.
     #[command(subcommand)]
     Capabilities(registry_cmd::Capabilities),
+    /// The models registry: publish a job's checkpoint with its lineage, aliases, export.
+    #[command(subcommand)]
+    Models(models_cmd::Command),
     /// Worlds: play episodes against a world manifest and write ATIF trajectories.
     #[command(subcommand)]
     Worlds(worlds_cmd::Command),
@@ -96,6 +100,7 @@ fn main() {
         Command::Datasets(c) => registry_cmd::datasets(c),
         Command::Capabilities(c) => registry_cmd::capabilities(c),
         Command::Worlds(c) => worlds_cmd::run(c),
+        Command::Models(c) => models_cmd::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

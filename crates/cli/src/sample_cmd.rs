@@ -81,8 +81,9 @@ fn messages(a: &Args) -> Result<Vec<Value>> {
 }
 
 /// Samples and prints the completions.
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
     let msgs = messages(&a)?;
+    a.m = a.m.resolve_published()?;
     let loaded = common::load(&a.m.model, a.m.precision, true)?;
     let prompt = loaded.tokenizer()?.apply_chat_template(&msgs, None, true)?;
     let lora = match &a.m.adapter {

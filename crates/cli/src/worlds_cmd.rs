@@ -53,8 +53,9 @@ pub fn run(c: Command) -> Result<()> {
     }
 }
 
-fn rollout(a: RolloutArgs) -> Result<()> {
+fn rollout(mut a: RolloutArgs) -> Result<()> {
     let manifest = Manifest::from_file(&a.manifest)?;
+    a.m = a.m.resolve_published()?;
     let loaded = common::load(&a.m.model, a.m.precision, true)?;
     let tok = loaded.tokenizer()?;
     let lora = match &a.m.adapter {

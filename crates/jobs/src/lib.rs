@@ -9,6 +9,7 @@
 pub mod capabilities;
 pub mod datasets;
 pub mod home;
+pub mod models;
 pub mod recorder;
 mod records;
 mod rl_run;

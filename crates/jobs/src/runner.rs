@@ -194,6 +194,19 @@ pub fn submit(
 ) -> Result<Value, JobError> {
     // Paths in the record are absolute: a worker may run the job from anywhere.
     let mut spec = spec.clone();
+    // A published model (`name@version`, `name@alias`): its base, continuing its adapter.
+    let mut model_ref = None;
+    if let Some(r) = crate::models::resolve(home, store, &spec.model)? {
+        if spec.lora.init_adapter.is_some() {
+            return Err(JobError::Invalid(format!(
+                "model = {:?} brings its own adapter; leave out lora.init_adapter",
+                spec.model
+            )));
+        }
+        spec.model = r.base_model;
+        spec.lora.init_adapter = Some(r.adapter);
+        model_ref = Some(r.reference);
+    }
     if let Ok(abs) = std::fs::canonicalize(&spec.model) {
         spec.model = abs.display().to_string();
     }
@@ -220,6 +233,7 @@ pub fn submit(
         "model": spec.model,
         "prompt_dataset_ref": null,
         "world_manifest_id": null,
+        "model_ref": model_ref,
         "precision": precision,
         "preview_prompts": preview,
         "config": spec,

@@ -51,6 +51,15 @@ const MIGRATIONS: &[&str] = &[
         row TEXT NOT NULL,
         PRIMARY KEY (job_id, step)
     );",
+    // 2: aliases (`champion`, `staging`) that point at a version of a registry entry and move.
+    "CREATE TABLE aliases (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        version TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (kind, name, alias)
+    );",
 ];
 
 /// A job's lifecycle: `queued → running → completed | failed | cancelled`.
@@ -257,6 +266,46 @@ impl Store {
                 known.join(", ")
             )
         }))
+    }
+
+    /// The aliases of `kind` `name`: `(alias, version)`.
+    pub fn aliases(&self, kind: &str, name: &str) -> Result<Vec<(String, String)>, JobError> {
+        retry(|| {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT alias, version FROM aliases WHERE kind = ?1 AND name = ?2 ORDER BY alias")
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![kind, name], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+    }
+
+    /// Points `alias` at `version` (`None` removes it).
+    pub fn set_alias(
+        &mut self,
+        kind: &str,
+        name: &str,
+        alias: &str,
+        version: Option<&str>,
+        now: &str,
+    ) -> Result<(), JobError> {
+        retry(|| {
+            match version {
+                Some(v) => self.conn.execute(
+                    "INSERT OR REPLACE INTO aliases (kind, name, alias, version, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![kind, name, alias, v, now],
+                ),
+                None => self.conn.execute(
+                    "DELETE FROM aliases WHERE kind = ?1 AND name = ?2 AND alias = ?3",
+                    params![kind, name, alias],
+                ),
+            }
+            .map(|_| ())
+            .map_err(db)
+        })
     }
 
     /// Every published `kind` entry (all names, or one), oldest first.
