@@ -198,8 +198,18 @@ def main():
         w("")
         w("Failed or absent: " + "; ".join(f"`{r['name']}`: {r['error']}" for r in failed) + ".")
     w("")
+    # Sections measured by hand (e.g. "RL: learning on SmolLM2") follow the generated ones;
+    # a new run keeps them.
+    kept = ""
+    if os.path.exists(args.md_out):
+        text = open(args.md_out).read()
+        at = text.find("\n## RL: ")
+        if at >= 0:
+            kept = text[at:]
     with open(args.md_out, "w") as f:
         f.write("\n".join(md))
+        if kept:
+            f.write(kept if kept.startswith("\n") else "\n" + kept)
     print(f"wrote {args.json_out} and {args.md_out}", file=sys.stderr)
 
 
