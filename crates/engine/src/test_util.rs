@@ -24,3 +24,20 @@ pub fn var(shape: &[usize], seed: u64) -> Var {
         .collect();
     Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
 }
+
+/// Value and gradient of `f` (fused) and `g` (composite) w.r.t. the vars agree.
+pub fn check(vars: &[&Var], f: &dyn Fn() -> Tensor, g: &dyn Fn() -> Tensor, what: &str) {
+    let (yf, yg) = (f(), g());
+    close(&yf, &yg, 1e-5, what);
+    let w = Tensor::randn(0f32, 1.0, yf.shape(), &Device::Cpu).unwrap();
+    let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gg = (yg * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        close(
+            gf.get(v).unwrap(),
+            gg.get(v).unwrap(),
+            1e-4,
+            &format!("{what} grad {i}"),
+        );
+    }
+}
