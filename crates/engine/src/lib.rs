@@ -10,8 +10,8 @@
 //! Numerics: f32 everywhere on CPU by default; with [`Precision::Bf16`] the frozen base
 //! projections compute in bf16 (see [`linear`]), everything trained stays f32.
 
-pub mod attention;
-mod batch;
+mod attention;
+pub mod batch;
 pub mod bf16;
 pub mod config;
 pub mod kernels;
