@@ -233,38 +233,24 @@ impl RlFlags {
                 .map_err(|e| anyhow::anyhow!("--reward-params: not JSON: {e}"))?,
             None => Value::Null,
         };
-        let mut rl = serde_json::Map::new();
-        let mut put = |k: &str, v: Value| {
-            if !v.is_null() {
-                rl.insert(k.to_string(), v);
-            }
-        };
-        put("algorithm", json!(self.algorithm));
-        put("num_rollouts", json!(self.num_rollouts));
-        put("groups_per_step", json!(self.groups_per_step));
-        put("max_new_tokens", json!(self.max_new_tokens));
-        put("temperature", json!(self.temperature));
-        put("execution_mode", json!(self.execution_mode));
-        put("max_steps_off_policy", json!(self.max_steps_off_policy));
-        let mut schedule = serde_json::Map::new();
-        let mut put = |k: &str, v: Value| {
-            if !v.is_null() {
-                schedule.insert(k.to_string(), v);
-            }
-        };
-        put("epochs", json!(self.epochs));
-        put("steps", json!(self.steps));
-        put("checkpoint_interval", json!(self.checkpoint_interval));
-        put("eval_interval", json!(self.eval_interval));
-        put("seed", json!(self.seed));
-        let mut lora = serde_json::Map::new();
-        if let Some(r) = self.lora_rank {
-            lora.insert("rank".into(), json!(r));
-        }
-        let mut optimizer = serde_json::Map::new();
-        if let Some(lr) = self.learning_rate {
-            optimizer.insert("learning_rate".into(), json!(lr));
-        }
+        let rl = given(&[
+            ("algorithm", json!(self.algorithm)),
+            ("num_rollouts", json!(self.num_rollouts)),
+            ("groups_per_step", json!(self.groups_per_step)),
+            ("max_new_tokens", json!(self.max_new_tokens)),
+            ("temperature", json!(self.temperature)),
+            ("execution_mode", json!(self.execution_mode)),
+            ("max_steps_off_policy", json!(self.max_steps_off_policy)),
+        ]);
+        let schedule = given(&[
+            ("epochs", json!(self.epochs)),
+            ("steps", json!(self.steps)),
+            ("checkpoint_interval", json!(self.checkpoint_interval)),
+            ("eval_interval", json!(self.eval_interval)),
+            ("seed", json!(self.seed)),
+        ]);
+        let lora = given(&[("rank", json!(self.lora_rank))]);
+        let optimizer = given(&[("learning_rate", json!(self.learning_rate))]);
         let s: JobSpec = serde_json::from_value(json!({
             "name": self.name,
             "shape": "rl",
@@ -284,4 +270,13 @@ impl RlFlags {
         s.check().map_err(anyhow::Error::msg)?;
         Ok(s)
     }
+}
+
+/// The flags that were given, as a job-file table (a flag left out keeps the file's default).
+fn given(pairs: &[(&str, Value)]) -> serde_json::Map<String, Value> {
+    pairs
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }

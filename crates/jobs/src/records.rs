@@ -297,11 +297,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("whet.db")).unwrap();
-        (dir, s)
-    }
+    use crate::store::temp_store as store;
 
     #[test]
     fn job_lifecycle_claim_cancel_and_metrics() {

@@ -371,16 +371,31 @@ pub fn lock(home: &Home, id: &str) -> Result<Option<std::fs::File>, JobError> {
     std::fs::create_dir_all(&dir).map_err(|e| JobError::io(&dir, e))?;
     let path = dir.join("lock");
     let file = std::fs::File::create(&path).map_err(|e| JobError::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(JobError::io(&path, e)),
+    // A `whet jobs list` checking liveness holds a shared lock for an instant: try a few times
+    // before concluding that another runner has the job.
+    for _ in 0..10 {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(JobError::io(&path, e)),
+        }
     }
+    Ok(None)
 }
 
-/// Whether some process is running job `id` now.
+/// Whether some process is running job `id` now. Only reads: a job that never ran has no lock
+/// file, and listing jobs must not create one.
 pub fn runner_alive(home: &Home, id: &str) -> bool {
-    matches!(lock(home, id), Ok(None))
+    let path = home.run_dir(id).join("lock");
+    match std::fs::File::open(&path) {
+        Ok(file) => matches!(
+            file.try_lock_shared(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ),
+        Err(_) => false,
+    }
 }
 
 /// Runs job `id` (queued, or claimed as running) in this process, from its last checkpoint,

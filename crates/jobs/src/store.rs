@@ -326,15 +326,21 @@ impl Store {
     }
 }
 
+/// A store in a temporary directory, for tests.
+#[cfg(test)]
+pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("whet.db")).unwrap();
+    (dir, s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("whet.db")).unwrap();
-        (dir, s)
+        temp_store()
     }
 
     #[test]
