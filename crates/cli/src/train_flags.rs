@@ -202,6 +202,13 @@ pub struct RlFlags {
     /// Staleness bound of the async modes.
     #[arg(long)]
     max_steps_off_policy: Option<usize>,
+    /// β of a KL penalty against the base model (0: off).
+    #[arg(long)]
+    kl_penalty_coef: Option<f64>,
+    /// Fail the job after a step whose share of failed rollouts is above this (0–1;
+    /// default 1: failures are counted and logged, and the job goes on).
+    #[arg(long)]
+    max_error_rate: Option<f64>,
     /// LoRA rank.
     #[arg(long)]
     lora_rank: Option<usize>,
@@ -241,6 +248,8 @@ impl RlFlags {
             ("temperature", json!(self.temperature)),
             ("execution_mode", json!(self.execution_mode)),
             ("max_steps_off_policy", json!(self.max_steps_off_policy)),
+            ("kl_penalty_coef", json!(self.kl_penalty_coef)),
+            ("max_error_rate", json!(self.max_error_rate)),
         ]);
         let schedule = given(&[
             ("epochs", json!(self.epochs)),

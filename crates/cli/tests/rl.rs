@@ -1,6 +1,6 @@
 //! End to end: RL jobs on SmolLM2 — a prompt dataset scored by a recipe, metrics and rollouts
 //! recorded; bad prompt rows refused before any compute; a verifier that crashes is contained
-//! (its rollouts counted as failed, the job goes on).
+//! (its rollouts counted as failed, the job goes on, or fails cleanly under a failure policy).
 
 mod common;
 
@@ -132,6 +132,30 @@ fn an_rl_job_samples_scores_trains_and_records_every_rollout() {
         "{log}"
     );
 
+    // The same with a failure policy: the job fails cleanly after the first step, naming the
+    // policy; its log and metrics are kept.
+    args.extend(["--max-error-rate", "0.5", "--checkpoint-interval", "1"]);
+    let err = fails(&args);
+    assert!(err.contains("rl.max_error_rate"), "{err}");
+    let jobs = ok(&["jobs", "list", "--home", h, "--json"]);
+    let failed = jobs
+        .lines()
+        .map(json)
+        .find(|j| j["status"] == "failed")
+        .unwrap_or_else(|| panic!("no failed job: {jobs}"));
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("100% of the rollouts failed"),
+        "{failed}"
+    );
+    let id = failed["id"].as_str().unwrap();
+    let log = ok(&["jobs", "logs", id, "--home", h]);
+    assert!(log.contains("could not be scored"), "{log}");
+    let metrics = ok(&["jobs", "metrics", id, "--home", h, "--json"]);
+    assert_eq!(metrics.lines().count(), 1, "{metrics}");
+
     // Bad input is refused before any compute, naming file, line and field.
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(
@@ -239,7 +263,7 @@ done
     std::fs::write(
         &manifest,
         "schema: 1\nname: parity\nversion: 1.0.0\nentrypoint: [\"sh\", \"world.sh\"]\n\
-         seeds: [1, 2]\nlimits: {max_turns: 3, max_tokens_per_turn: 6, timeout_sec: 10}\n\
+         seeds: [1, 2]\neval_seeds: [7]\nlimits: {max_turns: 3, max_tokens_per_turn: 6, timeout_sec: 10}\n\
          reward_policy:\n  terminal: {finished: 0.5}\n",
     )
     .unwrap();
@@ -273,6 +297,12 @@ done
     assert_eq!(m["worlds/success_rate"], 1.0, "{m}");
     assert_eq!(m["worlds/turns_mean"], 2.0, "{m}");
     assert_eq!(m["worlds/reward/terminal"], 0.5, "{m}");
+    // The world eval: one greedy episode per eval seed, before training and at the end.
+    assert_eq!(m["eval/success_rate"], 1.0, "{m}");
+    assert_eq!(m["eval/turns_mean"], 2.0, "{m}");
+    assert!(m["eval/reward_mean"].as_f64().unwrap() >= 0.5, "{m}");
+    let r = json(&ok(&["jobs", "get", id, "--home", s(&home), "--json"]));
+    assert_eq!(r["initial_eval_success_rate"], 1.0, "{r}");
     assert!(m["worlds/reward/parity"].is_number(), "{m}");
     let episodes: Vec<Value> =
         std::fs::read_to_string(r["artifacts"]["rollouts"].as_str().unwrap())

@@ -18,8 +18,11 @@
 //! - `{% generation %}` is not minijinja syntax: it is rewritten to `{% with %}`, which renders
 //!   its body in its own scope, as jinja2's call block does. The assistant-token tracking it
 //!   exists for is not implemented.
+//! - Templates with no place for tools or tool calls get them as text (see [`crate::tool_text`]);
+//!   this is where whet departs from transformers, which would drop them.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::syntax::SyntaxConfig;
@@ -28,6 +31,7 @@ use minijinja::{AutoEscape, Environment, Error, ErrorKind, State, UndefinedBehav
 
 use crate::error::{DataError, Result};
 use crate::pyfmt::{self, DateTime, JsonOptions};
+use crate::tool_text::{self, ToolSupport};
 
 /// The name the template is registered under; minijinja's errors cite it with the line.
 const TEMPLATE_NAME: &str = "chat_template";
@@ -39,6 +43,8 @@ pub struct ChatTemplate {
     source: String,
     /// `bos_token`, `eos_token`, `pad_token`, ... → text, in insertion order.
     special_tokens: Vec<(String, String)>,
+    /// What the template does with tools, probed on first need.
+    tool_support: OnceLock<ToolSupport>,
 }
 
 impl ChatTemplate {
@@ -78,6 +84,7 @@ impl ChatTemplate {
             env,
             source: source.to_string(),
             special_tokens,
+            tool_support: OnceLock::new(),
         })
     }
 
@@ -105,8 +112,36 @@ impl ChatTemplate {
     /// Renders a conversation. `messages` are objects with at least `role`; `tools` are JSON
     /// schemas; `extra` adds template variables (`enable_thinking`, `date_string`, ...) and may
     /// override special tokens, but not `messages`, `tools`, `documents` or
-    /// `add_generation_prompt`.
+    /// `add_generation_prompt`. Tools and tool calls the template has no place for are written
+    /// as text ([`crate::tool_text`]).
     pub fn render(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        extra: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<String> {
+        let has_calls = messages
+            .iter()
+            .any(|m| m.get("tool_calls").is_some_and(|c| !c.is_null()));
+        let folded = if tools.is_some_and(|t| !t.is_empty()) || has_calls {
+            tool_text::fold(messages, tools, self.tool_support())
+        } else {
+            None
+        };
+        let messages = folded.as_deref().unwrap_or(messages);
+        self.render_as_is(messages, tools, add_generation_prompt, extra)
+    }
+
+    /// What the template does with tools and tool calls.
+    fn tool_support(&self) -> ToolSupport {
+        *self
+            .tool_support
+            .get_or_init(|| ToolSupport::probe(|m, t| self.render_as_is(m, t, false, None)))
+    }
+
+    /// Renders exactly what it is given, as transformers does.
+    fn render_as_is(
         &self,
         messages: &[serde_json::Value],
         tools: Option<&[serde_json::Value]>,

@@ -26,6 +26,7 @@ mod pyfmt;
 pub mod render;
 pub mod rows;
 mod tokenizer;
+mod tool_text;
 
 pub use chat_template::ChatTemplate;
 pub use datum::read_datums_jsonl;

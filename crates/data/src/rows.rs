@@ -443,10 +443,22 @@ fn trajectory(obj: &Map<String, Value>) -> std::result::Result<Row, RowError> {
         return Err(bad("steps", "no steps"));
     }
     let weights = vec![None; messages.len()];
+    // ATIF has no field for the tools offered; whet's world rollouts keep them in
+    // `extra.tools`, and a top-level `tools` (as chat rows have) is read too.
+    let tools = match tools_of(obj)? {
+        Some(t) => Some(t),
+        None => match obj.get("extra").and_then(Value::as_object) {
+            Some(extra) => tools_of(extra).map_err(|e| RowError {
+                field: format!("extra.{}", e.field),
+                message: e.message,
+            })?,
+            None => None,
+        },
+    };
     Ok(Row::Chat(Conversation {
         messages,
         weights,
-        tools: tools_of(obj)?,
+        tools,
     }))
 }
 

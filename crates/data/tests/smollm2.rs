@@ -279,3 +279,52 @@ fn rendered_rows_train_on_assistant_replies_and_their_end_of_turn() {
     let (_, text) = trained_text(TrainOn::AllAssistantMessages, &zero);
     assert_eq!(text, "Rome.<|im_end|>");
 }
+
+/// SmolLM2's template ignores `tools` and `tool_calls`; transformers would render an agent
+/// trajectory as empty assistant turns. whet writes both as Hermes text, so the calls are what
+/// the model learns — the same text a policy playing a world sees and produces.
+#[test]
+fn tool_calls_are_trained_as_text_where_the_template_has_no_place_for_them() {
+    use whet_data::{parse_row, render_conversation, Format, Row, Scaffold, TrainOn};
+    let Some(tok) = smollm2() else { return };
+    let atif = serde_json::json!({"schema_version": "ATIF-v1.4", "steps": [
+        {"step_id": 1, "source": "user", "message": "Find the code."},
+        {"step_id": 2, "source": "agent", "message": "",
+         "tool_calls": [{"tool_call_id": "c1", "function_name": "cat",
+                         "arguments": {"path": "/pin.txt"}}],
+         "observation": {"results": [{"source_call_id": "c1", "content": "4821"}]}}],
+        "extra": {"tools": [{"type": "function", "function": {"name": "cat",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]}});
+    let Row::Chat(conv) = parse_row(&atif, Format::Auto).unwrap() else {
+        panic!("a chat row")
+    };
+    assert!(
+        conv.tools.is_some(),
+        "the trajectory's tools come from extra.tools"
+    );
+    let r = render_conversation(
+        &tok,
+        &conv,
+        &Scaffold::default(),
+        TrainOn::AllAssistantMessages,
+    )
+    .unwrap();
+    let text = tok.decode(&r.tokens, false).unwrap();
+    assert!(
+        text.starts_with("<|im_start|>system\n# Tools\n"),
+        "the tools are described in a system message: {text}"
+    );
+    assert!(text.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"cat\""));
+    assert!(text.contains("<|im_start|>tool\n4821<|im_end|>"), "{text}");
+    let trained: Vec<u32> = r
+        .tokens
+        .iter()
+        .zip(&r.weights)
+        .filter(|(_, &w)| w > 0.0)
+        .map(|(&t, _)| t)
+        .collect();
+    assert_eq!(
+        tok.decode(&trained, false).unwrap(),
+        "<tool_call>\n{\"name\": \"cat\", \"arguments\": {\"path\": \"/pin.txt\"}}\n</tool_call><|im_end|>"
+    );
+}

@@ -46,13 +46,14 @@ struct RlRecorder<'r, 's> {
 impl whet_rl::Observer for RlRecorder<'_, '_> {
     fn on_step(&mut self, m: &Metrics) -> Control {
         let step = m.get("step").copied().unwrap_or(0.0) as usize;
-        let eval = m
-            .get("eval/reward_mean")
-            .map(|e| format!("  eval reward {e:.3}"))
-            .unwrap_or_default();
+        let eval = eval_text(m).map(|e| format!("  {e}")).unwrap_or_default();
         let reward = m.get("train/reward_mean").copied().unwrap_or(0.0);
+        let success = m
+            .get("worlds/success_rate")
+            .map(|s| format!(" success {s:.2}"))
+            .unwrap_or_default();
         let summary = format!(
-            "reward {reward:.3}{eval}  {:.0} tok/s",
+            "reward {reward:.3}{success}{eval}  {:.0} tok/s",
             m.get("tokens_per_second").copied().unwrap_or(0.0)
         );
         self.inner.display().step(step, &summary);
@@ -63,10 +64,12 @@ impl whet_rl::Observer for RlRecorder<'_, '_> {
         let data = json!({"event": "step_complete", "metrics": row});
         self.inner
             .log("info", format!("step {step} reward {reward:.3}"), data);
-        if let Some(e) = m.get("eval/reward_mean") {
-            let data = json!({"event": "eval_complete", "step": step, "eval_reward_mean": e});
+        if let Some(text) = eval_text(m) {
+            let data = json!({"event": "eval_complete", "step": step,
+                              "eval_reward_mean": m.get("eval/reward_mean"),
+                              "eval_success_rate": m.get("eval/success_rate")});
             self.inner
-                .log("info", format!("eval reward {e:.3} at step {step}"), data);
+                .log("info", format!("{text} at step {step}"), data);
         }
         if self.inner.cancel_requested() {
             self.inner.cancelled = true;
@@ -136,13 +139,26 @@ impl whet_rl::Observer for RlRecorder<'_, '_> {
     fn on_initial_eval(&mut self, m: &Metrics) {
         let e = m.get("eval/reward_mean").copied().unwrap_or(0.0);
         self.inner.record["initial_eval_reward"] = json!(e);
+        if let Some(s) = m.get("eval/success_rate") {
+            self.inner.record["initial_eval_success_rate"] = json!(s);
+        }
         let mut row = json!(m);
         row["step"] = json!(0);
         self.inner.metrics(0, &row);
+        let text = eval_text(m).unwrap_or_default();
         self.inner
             .display()
-            .step(0, &format!("eval reward {e:.3} before training"));
+            .step(0, &format!("{text} before training"));
     }
+}
+
+/// `eval reward R` (and `success S` for a world), when the metrics hold an eval.
+fn eval_text(m: &Metrics) -> Option<String> {
+    let reward = m.get("eval/reward_mean")?;
+    Some(match m.get("eval/success_rate") {
+        Some(s) => format!("eval reward {reward:.3} success {s:.2}"),
+        None => format!("eval reward {reward:.3}"),
+    })
 }
 
 /// Runs an RL job from its last checkpoint to the end; leaves the final record in the store.

@@ -74,6 +74,12 @@ pub struct RlConfig {
     pub kl_penalty_coef: f64,
     /// Eval prompts scored per evaluation (greedy, one rollout each).
     pub eval_max_rollouts: usize,
+    /// The failure policy: a step whose share of failed rollouts (a verifier that crashed,
+    /// hung or answered garbage; an episode a world error ended) is above this fails the job
+    /// once the step is recorded, keeping the last checkpoint. Failures at or below it are
+    /// scored as failed, counted (`rollouts/error_rate`) and logged, and the job goes on.
+    /// 1.0 (the default): always go on.
+    pub max_error_rate: f64,
 }
 
 impl Default for RlConfig {
@@ -97,6 +103,7 @@ impl Default for RlConfig {
             weight_sync_interval: 1,
             kl_penalty_coef: 0.0,
             eval_max_rollouts: 64,
+            max_error_rate: 1.0,
         }
     }
 }
@@ -124,6 +131,9 @@ impl RlConfig {
         }
         if self.max_turns == 0 {
             return Err("`rl.max_turns` must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.max_error_rate) {
+            return Err("`rl.max_error_rate` must be in [0, 1]".into());
         }
         if !(self.kl_penalty_coef >= 0.0 && self.kl_penalty_coef.is_finite()) {
             return Err("`rl.kl_penalty_coef` must be 0 or more".into());

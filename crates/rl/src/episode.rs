@@ -114,26 +114,10 @@ pub fn play(
     };
     ep.start = start.clone();
     ep.tools = tools.clone();
-    // A template with no place for tools (SmolLM2's, for one) would hide them from the policy:
-    // then they are described in the system prompt, with the Hermes call format the parser
-    // reads.
-    let probe = [json!({"role": "user", "content": "x"})];
-    let renders_tools = tools.is_empty()
-        || tokenizer.apply_chat_template(&probe, Some(&tools), true)?
-            != tokenizer.apply_chat_template(&probe, None, true)?;
-    let mut system = system_prompt.map(str::to_string);
-    if !renders_tools {
-        let described = format!(
-            "You can call these tools (JSON schema):\n{}\nTo call one, reply with \
-             <tool_call>{{\"name\": \"<tool>\", \"arguments\": {{...}}}}</tool_call>.",
-            serde_json::to_string(&tools).unwrap_or_default()
-        );
-        system = Some(match system {
-            Some(s) => format!("{s}\n\n{described}"),
-            None => described,
-        });
-    }
-    let mut messages: Vec<Value> = system
+    // A template with no place for tools (SmolLM2's, for one) gets them, and the policy's
+    // earlier calls, as Hermes text (whet_data's chat template does it), which
+    // `parse_tool_calls` reads back.
+    let mut messages: Vec<Value> = system_prompt
         .map(|s| json!({"role": "system", "content": s}))
         .into_iter()
         .chain(start)

@@ -52,12 +52,27 @@ pub enum RlError {
     /// The plan (schedule) cannot work.
     #[error(transparent)]
     Sft(#[from] whet_sft::SftError),
+    /// A step's failed rollouts went past `rl.max_error_rate`.
+    #[error(
+        "step {step}: {:.0}% of the rollouts failed, above rl.max_error_rate = {max} \
+         (the job log names the errors)", rate * 100.0
+    )]
+    TooManyErrors {
+        /// The step (1-based).
+        step: usize,
+        /// Its share of failed rollouts.
+        rate: f64,
+        /// `rl.max_error_rate`.
+        max: f64,
+    },
 }
 
 /// A step's metrics: `step`, `loss`, `learning_rate`, `grad_norm`, `train/reward_mean|min|max`,
 /// `by_group/frac_all_good|all_bad|mixed`, `rollouts/failed`, `optim/kl_sample_train_v1|v2`,
 /// `optim/entropy`, `tokens/completion_mean`, `num_tokens`, `tokens_per_second`,
-/// `time/sample`, `time/train`, and `eval/reward_mean` when evaluated.
+/// `time/sample`, `time/train`; live RL adds `worlds/success_rate|turns_mean|episodes_error`
+/// and `worlds/reward/<source>`; `eval/reward_mean` when evaluated (and for a world
+/// `eval/success_rate`, `eval/turns_mean`).
 pub type Metrics = BTreeMap<String, f64>;
 
 /// Watches a run: metrics, rollouts, checkpoints; may stop it after a step.
@@ -184,14 +199,10 @@ pub fn train(
             "resuming at step {start_step}, but the run has {total} steps"
         )));
     }
-    if start_step == 0 && !run.eval.is_empty() {
+    if start_step == 0 && has_eval(run) {
         let sampler = client.sampling_client()?;
-        let mut m = Metrics::new();
+        let mut m = evaluate(sampler.as_ref(), run)?;
         m.insert("step".into(), 0.0);
-        m.insert(
-            "eval/reward_mean".into(),
-            eval_reward(sampler.as_ref(), run)?,
-        );
         observer.on_initial_eval(&m);
     }
     let bound = run.rl.max_steps_off_policy.unwrap_or(1).max(1);
@@ -298,9 +309,9 @@ pub fn train(
             // 3. Eval on its interval and at the end.
             let last = done == total;
             let every = run.schedule.eval_interval;
-            if !run.eval.is_empty() && (last || (every > 0 && done.is_multiple_of(every))) {
+            if has_eval(run) && (last || (every > 0 && done.is_multiple_of(every))) {
                 let s = client.sampling_client()?;
-                m.insert("eval/reward_mean".into(), eval_reward(s.as_ref(), run)?);
+                m.extend(evaluate(s.as_ref(), run)?);
             }
             let prompts: Vec<&Prompt> = batch.prompts.iter().map(|&i| &run.prompts[i]).collect();
             observer.on_rollouts(done, &prompts, &batch.groups);
@@ -308,6 +319,14 @@ pub fn train(
                 observer.on_episodes(done, &batch.episodes);
             }
             let control = observer.on_step(&m);
+            let rate = m.get("rollouts/error_rate").copied().unwrap_or(0.0);
+            if rate > run.rl.max_error_rate {
+                return Err(RlError::TooManyErrors {
+                    step: done,
+                    rate,
+                    max: run.rl.max_error_rate,
+                });
+            }
             // 4. Checkpoints, as for SFT.
             if last {
                 let c = checkpoint(client, done, "final")?;
@@ -354,16 +373,54 @@ fn checkpoint(
     })
 }
 
-/// Mean reward of one greedy rollout per eval prompt (at most `eval_max_rollouts` prompts).
-fn eval_reward(sampler: &dyn SamplingClient, run: &Run<'_>) -> Result<f64, RlError> {
+/// Whether the run has anything to evaluate on: eval prompts, or a world's eval seeds.
+fn has_eval(run: &Run<'_>) -> bool {
+    match &run.world {
+        Some(w) => !w.manifest.eval_seeds.is_empty(),
+        None => !run.eval.is_empty(),
+    }
+}
+
+/// Greedy evaluation, at most `eval_max_rollouts` rollouts: one per eval prompt
+/// (`eval/reward_mean`), or one episode per world eval (task, seed) (`eval/reward_mean` = mean
+/// return, `eval/success_rate`, `eval/turns_mean`).
+fn evaluate(sampler: &dyn SamplingClient, run: &Run<'_>) -> Result<Metrics, RlError> {
+    let limit = run.rl.eval_max_rollouts.max(1);
+    let mut m = Metrics::new();
+    if let Some(world) = &run.world {
+        let episodes = world.manifest.eval_episodes();
+        let (mut ret, mut won, mut turns) = (0.0, 0.0, 0.0);
+        let n = episodes.len().min(limit);
+        for (task, seed) in episodes.into_iter().take(limit) {
+            let ep = episode::play(
+                world.manifest,
+                sampler,
+                run.tokenizer,
+                world.system_prompt,
+                &task,
+                seed,
+                0,
+                0.0,
+            )?;
+            ret += ep.total_reward();
+            won += f64::from(u8::from(ep.success));
+            turns += ep.turns.len() as f64;
+        }
+        let n = n.max(1) as f64;
+        m.insert("eval/reward_mean".into(), ret / n);
+        m.insert("eval/success_rate".into(), won / n);
+        m.insert("eval/turns_mean".into(), turns / n);
+        return Ok(m);
+    }
     let mut total = 0.0;
     let mut n = 0usize;
-    for prompt in run.eval.iter().take(run.rl.eval_max_rollouts.max(1)) {
+    for prompt in run.eval.iter().take(limit) {
         let p = rollouts::params(run.rl.max_new_tokens, 0.0, 1.0, &run.rl.stop, 0);
         let group = rollouts::sample_group(sampler, run.tokenizer, run.recipe, prompt, 1, &p)?;
         // An eval rollout that cannot be scored counts as 0.
         total += group.first().and_then(|r| r.reward).unwrap_or(0.0);
         n += 1;
     }
-    Ok(total / n.max(1) as f64)
+    m.insert("eval/reward_mean".into(), total / n.max(1) as f64);
+    Ok(m)
 }

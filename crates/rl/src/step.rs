@@ -296,6 +296,15 @@ pub fn train_batch(
     m.insert("by_group/frac_all_bad".into(), bad as f64 / n_groups);
     m.insert("by_group/frac_mixed".into(), mixed as f64 / n_groups);
     m.insert("rollouts/failed".into(), failed as f64);
+    // The share of the step's experience that failed: rollouts a verifier could not score,
+    // or episodes a world error ended.
+    let error_rate = if world {
+        let eps: Vec<&Episode> = batch.episodes.iter().flatten().collect();
+        eps.iter().filter(|e| e.error.is_some()).count() as f64 / eps.len().max(1) as f64
+    } else {
+        failed as f64 / batch.groups.iter().map(Vec::len).sum::<usize>().max(1) as f64
+    };
+    m.insert("rollouts/error_rate".into(), error_rate);
     m.insert("rollouts/trained".into(), trainable.len() as f64);
     m.insert("optim/kl_sample_train_v1".into(), kl1 / n_kl.max(1) as f64);
     m.insert("optim/kl_sample_train_v2".into(), kl2 / n_kl.max(1) as f64);

@@ -41,6 +41,10 @@ pub struct Manifest {
     /// Seeds; one episode per (task, seed).
     #[serde(default = "default_seeds")]
     pub seeds: Vec<u64>,
+    /// Held-out seeds: a live-RL job evaluates on one greedy episode per (task, eval seed),
+    /// before training, on its eval interval and at the end. None: no world eval.
+    #[serde(default)]
+    pub eval_seeds: Vec<u64>,
     /// Rollout limits.
     #[serde(default)]
     pub limits: Limits,
@@ -155,6 +159,14 @@ impl Manifest {
         let seed = self.seeds[i % self.seeds.len()];
         let task = self.tasks[(i / self.seeds.len()) % self.tasks.len()].clone();
         (task, seed)
+    }
+
+    /// The (task, seed) pairs of the world eval: every task with every eval seed.
+    pub fn eval_episodes(&self) -> Vec<(Value, u64)> {
+        self.tasks
+            .iter()
+            .flat_map(|t| self.eval_seeds.iter().map(move |&s| (t.clone(), s)))
+            .collect()
     }
 
     /// The reward of a turn's signals.
@@ -392,6 +404,7 @@ mod tests {
             args: vec![],
             tasks: vec![json!({"id": "a"}), json!({"id": "b"})],
             seeds: vec![1, 2],
+            eval_seeds: vec![],
             limits: Limits::default(),
             reward_policy: RewardPolicy {
                 components: BTreeMap::from([("tool_observation".into(), 0.02)]),
