@@ -42,9 +42,38 @@ pub struct Rollout {
     pub error: Option<String>,
     /// Its advantage (set once the group is scored).
     pub advantage: f64,
-    /// The prompt it continued, when it is not its group's (a world episode's turn).
+    /// The prompt it continued, when it is not its group's (a world episode's turns).
     #[serde(skip)]
     pub prompt: Option<Vec<i64>>,
+    /// Several turns of one episode in one sequence: per token of `tokens`, its advantage if
+    /// the policy sampled it, `None` for the world's and the template's tokens between turns
+    /// (context, not trained; their `logprobs` are 0). Empty: every token was sampled and has
+    /// `advantage`.
+    #[serde(skip)]
+    pub token_advantages: Vec<Option<f64>>,
+}
+
+impl Rollout {
+    /// Token `k`'s advantage, or `None` when the policy did not sample it.
+    pub fn token_advantage(&self, k: usize) -> Option<f64> {
+        if self.token_advantages.is_empty() {
+            Some(self.advantage)
+        } else {
+            self.token_advantages.get(k).copied().flatten()
+        }
+    }
+
+    /// The tokens the policy sampled.
+    pub fn sampled_tokens(&self) -> usize {
+        (0..self.tokens.len())
+            .filter(|&k| self.token_advantage(k).is_some())
+            .count()
+    }
+
+    /// Whether any sampled token has a non-zero advantage (something to learn from).
+    pub fn has_signal(&self) -> bool {
+        (0..self.tokens.len()).any(|k| self.token_advantage(k).is_some_and(|a| a != 0.0))
+    }
 }
 
 /// Samples `n` completions of `prompt` with `sampler` and scores each with `recipe`.
@@ -82,6 +111,7 @@ pub fn sample_group(
                 error,
                 advantage: 0.0,
                 prompt: None,
+                token_advantages: vec![],
             })
         })
         .collect()
@@ -124,10 +154,11 @@ pub fn datum_with_penalty(prompt: &[i64], rollout: &Rollout, scale: f64, penalty
     let mut logprobs = vec![0f32; n];
     let mut advantages = vec![0f32; n];
     for (k, &lp) in rollout.logprobs.iter().enumerate() {
-        if first + k < n {
+        // Tokens the policy did not sample (between merged turns) keep advantage 0: context.
+        if let (true, Some(a)) = (first + k < n, rollout.token_advantage(k)) {
             logprobs[first + k] = lp;
             let p = penalty.get(k).copied().unwrap_or(0.0);
-            advantages[first + k] = ((rollout.advantage - p) * scale) as f32;
+            advantages[first + k] = ((a - p) * scale) as f32;
         }
     }
     let mut inputs = BTreeMap::new();
@@ -158,6 +189,7 @@ mod tests {
             error: None,
             advantage: 0.5,
             prompt: None,
+            token_advantages: vec![],
         };
         let d = datum(&[1, 2, 3], &r, 2.0);
         assert_eq!(d.model_input.to_ints(), vec![1, 2, 3, 7, 8]);

@@ -25,8 +25,9 @@ pub struct Batch {
     pub groups: Vec<Vec<Rollout>>,
     /// Seconds spent sampling and scoring.
     pub seconds: f64,
-    /// World episodes, one list per group (live RL): then every rollout is one turn, with its
-    /// own prompt and its advantage already set (reward-to-go minus the group's mean return).
+    /// World episodes, one list per group (live RL): then every rollout is one or more
+    /// consecutive turns of an episode, with its own prompt and per-token advantages already
+    /// set (each turn's reward-to-go minus the group's mean return).
     pub episodes: Vec<Vec<Episode>>,
 }
 
@@ -70,8 +71,9 @@ pub fn sample_batch(
 }
 
 /// Plays the episodes of plan step `step` against the run's world: `num_rollouts` episodes of
-/// each of the step's (task, seed) slots. Each turn becomes a rollout whose advantage is its
-/// reward-to-go minus the mean return of the slot's episodes (÷ their std when normalising).
+/// each of the step's (task, seed) slots. Each turn's advantage is its reward-to-go minus the
+/// mean return of the slot's episodes (÷ their std when normalising); an episode's turns are
+/// merged into one rollout where each turn's prompt extends the one before (see [`merge_turns`]).
 pub fn sample_world_batch(
     sampler: &dyn SamplingClient,
     run: &Run<'_>,
@@ -109,22 +111,17 @@ pub fn sample_world_batch(
             // advantage_t = rtg_t − baseline, baseline = return − centered advantage.
             let baseline = ret - a;
             let rewards: Vec<f64> = ep.turns.iter().map(|t| t.reward).collect();
-            for (turn, rtg) in ep.turns.iter().zip(reward_to_go(&rewards)) {
-                group.push(Rollout {
-                    tokens: turn.tokens.clone(),
-                    logprobs: turn.logprobs.clone(),
-                    completion: turn.completion.clone(),
-                    reward: Some(rtg),
-                    metrics: BTreeMap::new(),
-                    error: ep.error.clone(),
-                    advantage: if run.rl.normalize_advantages && (ret - baseline).abs() > 0.0 {
+            let advantages: Vec<f64> = reward_to_go(&rewards)
+                .into_iter()
+                .map(|rtg| {
+                    if run.rl.normalize_advantages && (ret - baseline).abs() > 0.0 {
                         (rtg - baseline) * a / (ret - baseline)
                     } else {
                         rtg - baseline
-                    },
-                    prompt: Some(turn.prompt_tokens.clone()),
-                });
-            }
+                    }
+                })
+                .collect();
+            group.extend(merge_turns(ep, &advantages, *ret));
         }
         groups.push(group);
         episodes.push(eps);
@@ -137,6 +134,52 @@ pub fn sample_world_batch(
         seconds: started.elapsed().as_secs_f64(),
         episodes,
     })
+}
+
+/// An episode's turns as rollouts. Turn k+1's prompt normally is turn k's prompt, its sampled
+/// tokens, then the world's answer and the next generation prompt: then both turns go in one
+/// sequence (the tokens between them are context, not trained), so the trainer reads the
+/// conversation once instead of once per turn. Where the chat template renders the history
+/// differently from what was sampled (a tool call re-spelled), the next turn starts a rollout
+/// of its own. Either way each sampled token keeps its turn's advantage and sampler logprob,
+/// conditioned on exactly the tokens the sampler saw.
+pub(crate) fn merge_turns(ep: &Episode, advantages: &[f64], ret: f64) -> Vec<Rollout> {
+    let mut out: Vec<Rollout> = Vec::new();
+    for (turn, &adv) in ep.turns.iter().zip(advantages) {
+        if let Some(r) = out.last_mut() {
+            let prompt = r.prompt.as_deref().unwrap_or_default();
+            let so_far = prompt.len() + r.tokens.len();
+            let extends = turn.prompt_tokens.len() >= so_far
+                && turn.prompt_tokens[..prompt.len()] == *prompt
+                && turn.prompt_tokens[prompt.len()..so_far] == r.tokens[..];
+            if extends {
+                let between = &turn.prompt_tokens[so_far..];
+                r.tokens.extend_from_slice(between);
+                r.logprobs.extend(std::iter::repeat_n(0.0, between.len()));
+                r.token_advantages
+                    .extend(std::iter::repeat_n(None, between.len()));
+                r.tokens.extend_from_slice(&turn.tokens);
+                r.logprobs.extend_from_slice(&turn.logprobs);
+                r.token_advantages
+                    .extend(std::iter::repeat_n(Some(adv), turn.tokens.len()));
+                r.completion.push('\n');
+                r.completion.push_str(&turn.completion);
+                continue;
+            }
+        }
+        out.push(Rollout {
+            tokens: turn.tokens.clone(),
+            logprobs: turn.logprobs.clone(),
+            completion: turn.completion.clone(),
+            reward: Some(ret),
+            metrics: BTreeMap::new(),
+            error: ep.error.clone(),
+            advantage: adv,
+            prompt: Some(turn.prompt_tokens.clone()),
+            token_advantages: vec![Some(adv); turn.tokens.len()],
+        });
+    }
+    out
 }
 
 /// Advantages, one `forward_backward` and one `optim_step` at learning rate `lr`; returns the
@@ -179,7 +222,7 @@ pub fn train_batch(
         if world {
             trainable.extend(
                 (0..group.len())
-                    .filter(|&i| group[i].advantage != 0.0)
+                    .filter(|&i| group[i].has_signal())
                     .map(|i| (g, i)),
             );
             continue;
@@ -206,7 +249,7 @@ pub fn train_batch(
     };
     let completion_tokens: usize = trainable
         .iter()
-        .map(|&(g, i)| batch.groups[g][i].tokens.len())
+        .map(|&(g, i)| batch.groups[g][i].sampled_tokens())
         .sum();
     let scale = 1.0 / completion_tokens.max(1) as f64;
     // The KL penalty: each sampled token's logprob under the policy that sampled it against
@@ -225,6 +268,9 @@ pub fn train_batch(
                     .iter()
                     .enumerate()
                     .map(|(k, &old)| {
+                        if r.token_advantage(k).is_none() {
+                            return 0.0;
+                        }
                         let b = lp.get(prompt.len() + k).copied().flatten().unwrap_or(old);
                         let d = (old - b) as f64;
                         kl_base += d;
@@ -258,8 +304,9 @@ pub fn train_batch(
                 .map(|t| t.to_f32_vec())
                 .unwrap_or_default();
             let first = prompt_of(g, i).len() - 1;
-            for (k, old) in batch.groups[g][i].logprobs.iter().enumerate() {
-                if let Some(&new) = new.get(first + k) {
+            let r = &batch.groups[g][i];
+            for (k, old) in r.logprobs.iter().enumerate() {
+                if let (Some(&new), Some(_)) = (new.get(first + k), r.token_advantage(k)) {
                     let d = (*old - new) as f64;
                     kl1 += d;
                     kl2 += 0.5 * d * d;
@@ -270,7 +317,8 @@ pub fn train_batch(
     }
     let opt = client.optim_step(&run.optimizer.adam_params(lr))?;
     let all = || batch.groups.iter().flatten();
-    let tokens: usize = all().map(|r| r.tokens.len()).sum();
+    // Sampled tokens only (merged turns hold the world's tokens too, with logprob 0).
+    let tokens: usize = all().map(Rollout::sampled_tokens).sum();
     let logprob_sum: f64 = all().flat_map(|r| &r.logprobs).map(|&x| x as f64).sum();
     let n_groups = batch.groups.len().max(1) as f64;
     let n_rollouts = all().count().max(1) as f64;
@@ -323,7 +371,8 @@ pub fn train_batch(
     Ok(m)
 }
 
-/// `worlds/success_rate`, `worlds/turns_mean`, `worlds/episodes_error` and
+/// `worlds/success_rate`, `worlds/turns_mean`, `worlds/tokens_per_turn`,
+/// `worlds/episodes_error` and
 /// `worlds/reward/<source>` (per episode, what each signal source contributed under the
 /// manifest's policy; `terminal` for the end-of-episode rewards).
 fn world_metrics(run: &Run<'_>, episodes: &[Vec<Episode>], m: &mut Metrics) {
@@ -343,6 +392,11 @@ fn world_metrics(run: &Run<'_>, episodes: &[Vec<Episode>], m: &mut Metrics) {
     }
     let count = |f: &dyn Fn(&Episode) -> bool| all.iter().filter(|e| f(e)).count() as f64 / n;
     m.insert("worlds/success_rate".into(), count(&|e| e.success));
+    let turns: Vec<&crate::episode::Turn> = all.iter().flat_map(|e| &e.turns).collect();
+    m.insert(
+        "worlds/tokens_per_turn".into(),
+        turns.iter().map(|t| t.tokens.len()).sum::<usize>() as f64 / turns.len().max(1) as f64,
+    );
     m.insert(
         "worlds/episodes_error".into(),
         count(&|e| e.error.is_some()) * n,
@@ -353,5 +407,61 @@ fn world_metrics(run: &Run<'_>, episodes: &[Vec<Episode>], m: &mut Metrics) {
     );
     for (source, v) in by_source {
         m.insert(format!("worlds/reward/{source}"), v / n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::episode::Turn;
+    use serde_json::json;
+
+    fn turn(prompt: &[i64], tokens: &[i64], logprob: f32) -> Turn {
+        Turn {
+            prompt_tokens: prompt.to_vec(),
+            tokens: tokens.to_vec(),
+            logprobs: vec![logprob; tokens.len()],
+            completion: String::new(),
+            message: json!({}),
+            observation: vec![],
+            signals: vec![],
+            reward: 0.0,
+        }
+    }
+
+    #[test]
+    fn turns_whose_prompts_extend_each_other_train_as_one_sequence() {
+        let ep = Episode {
+            task: json!(null),
+            seed: 0,
+            start: vec![],
+            tools: vec![],
+            turns: vec![
+                turn(&[1, 2], &[10, 11], -0.5),
+                // The history as sampled, then the world's answer (20, 21).
+                turn(&[1, 2, 10, 11, 20, 21], &[12], -0.25),
+                // History re-spelled (10 → 13): a sequence of its own.
+                turn(&[1, 2, 13, 11, 20, 21, 12, 22], &[14, 15], -1.0),
+            ],
+            termination_reason: "finished".into(),
+            success: true,
+            error: None,
+        };
+        let rollouts = merge_turns(&ep, &[0.5, 0.25, -1.0], 1.0);
+        assert_eq!(rollouts.len(), 2);
+        let merged = &rollouts[0];
+        assert_eq!(merged.prompt.as_deref(), Some(&[1, 2][..]));
+        assert_eq!(merged.tokens, vec![10, 11, 20, 21, 12]);
+        assert_eq!(merged.sampled_tokens(), 3);
+        let d = rollouts::datum(&[1, 2], merged, 1.0);
+        assert_eq!(d.model_input.to_ints(), vec![1, 2, 10, 11, 20, 21]);
+        let adv = d.loss_fn_inputs["advantages"].to_f32_vec();
+        let lp = d.loss_fn_inputs["logprobs"].to_f32_vec();
+        // Targets: 2, 10, 11, 20, 21, 12 — the world's tokens (20, 21) are context only.
+        assert_eq!(adv, vec![0.0, 0.5, 0.5, 0.0, 0.0, 0.25]);
+        assert_eq!(lp, vec![0.0, -0.5, -0.5, 0.0, 0.0, -0.25]);
+        assert_eq!(rollouts[1].tokens, vec![14, 15]);
+        assert_eq!(rollouts[1].token_advantage(1), Some(-1.0));
+        assert!(rollouts.iter().all(Rollout::has_signal));
     }
 }

@@ -107,6 +107,7 @@ impl Fixture {
                         error: None,
                         advantage: 0.0,
                         prompt: None,
+                        token_advantages: vec![],
                     })
                     .collect()
             })
