@@ -1,6 +1,7 @@
 //! Episodes against a world process (a shell script speaking the protocol of
 //! datasets/worlds/README.md), played by SmolLM2: rewards follow the manifest's policy, the episode becomes an ATIF trajectory,
-//! and a world that crashes mid-episode ends it with `error`.
+//! and a world that crashes mid-episode ends it with `error`; turn prompts extend the sampled
+//! history.
 
 use std::path::{Path, PathBuf};
 
@@ -93,4 +94,92 @@ fn an_episode_follows_the_protocol_and_becomes_a_trajectory() {
             || ep.error.as_deref().unwrap().contains("stopped")
     );
     assert!((ep.total_reward() + 1.0).abs() < 1e-12);
+}
+
+/// A policy that always answers with the same text (tokenized, the end-of-turn token last), as
+/// a model that learned the Hermes call format would.
+struct Scripted {
+    tokens: Vec<i64>,
+}
+
+impl whet_contract::SamplingClient for Scripted {
+    fn sample(
+        &self,
+        _prompt: &whet_contract::ModelInput,
+        num_samples: usize,
+        _params: &whet_contract::SamplingParams,
+        _include_prompt_logprobs: bool,
+        _topk_prompt_logprobs: usize,
+    ) -> whet_contract::Result<whet_contract::SampleResponse> {
+        let seq = whet_contract::SampledSequence {
+            stop_reason: whet_contract::StopReason::Stop,
+            tokens: self.tokens.clone(),
+            logprobs: vec![-0.1; self.tokens.len()],
+        };
+        Ok(whet_contract::SampleResponse {
+            sequences: vec![seq; num_samples],
+            prompt_logprobs: None,
+            topk_prompt_logprobs: None,
+        })
+    }
+
+    fn compute_logprobs(
+        &self,
+        prompt: &whet_contract::ModelInput,
+    ) -> whet_contract::Result<Vec<Option<f32>>> {
+        Ok(vec![None; prompt.to_ints().len()])
+    }
+}
+
+/// With SmolLM2's template (tools and calls as Hermes text), a turn's prompt continues the
+/// previous turn's prompt and sampled tokens exactly, so live RL trains an episode as one
+/// sequence (`merge_turns` in step.rs) instead of reading the conversation once per turn.
+#[test]
+fn turn_prompts_extend_the_sampled_history() {
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"while read -r line; do
+  case "$line" in
+    *'"reset"'*) echo '{"observation": [{"role": "user", "content": "List /."}], "tools": [{"type": "function", "function": {"name": "ls", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]}' ;;
+    *'"step"'*) echo '{"observation": [{"role": "tool", "tool_call_id": "call_0_0", "content": "a.txt"}], "reward_signals": [], "done": false}' ;;
+    *) exit 0 ;;
+  esac
+done
+"#;
+    let m = manifest(dir.path(), script);
+    let text = "<tool_call>\n{\"name\": \"ls\", \"arguments\": {\"path\": \"/\"}}\n</tool_call>";
+    let mut tokens: Vec<i64> = tok
+        .encode(text, false)
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    tokens.push(i64::from(tok.token_to_id("<|im_end|>").unwrap()));
+    let policy = Scripted { tokens };
+    let ep = play(&m, &policy, &tok, None, &json!(null), 5, 0, 1.0).unwrap();
+    assert_eq!(ep.turns.len(), 3, "{:?}", ep.termination_reason);
+    for pair in ep.turns.windows(2) {
+        let sampled: Vec<i64> = pair[0]
+            .prompt_tokens
+            .iter()
+            .chain(&pair[0].tokens)
+            .copied()
+            .collect();
+        let next = &pair[1].prompt_tokens;
+        assert!(
+            next.starts_with(&sampled),
+            "the next prompt re-spells the history:\n{:?}\n{:?}",
+            tok.decode(
+                &next[..sampled.len().min(next.len())]
+                    .iter()
+                    .map(|&t| t as u32)
+                    .collect::<Vec<_>>(),
+                false
+            ),
+            tok.decode(
+                &sampled.iter().map(|&t| t as u32).collect::<Vec<_>>(),
+                false
+            )
+        );
+    }
 }
