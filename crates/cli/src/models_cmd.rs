@@ -1,10 +1,12 @@
 //! `whet models …`: publish a job's checkpoint as an immutable `name@version` with its lineage,
-//! list and show versions, move aliases, export (a PEFT directory, or the merged model).
+//! list and show versions, move aliases, export (a PEFT directory, the merged model, or the
+//! merged model as GGUF).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde_json::json;
+use whet_engine::gguf_export::GgufType;
 use whet_jobs::models;
 
 use crate::common::HomeArgs;
@@ -39,14 +41,19 @@ pub enum Command {
     /// Aliases: `set name@version champion` moves `champion` there; `rm name champion`.
     #[command(subcommand)]
     Alias(Alias),
-    /// Write a published model out: `peft` (the adapter directory, as PEFT and vLLM load it)
-    /// or `merged` (the adapter folded into the base: a plain Hugging Face directory).
+    /// Write a published model out: `peft` (the adapter directory, as PEFT and vLLM load it),
+    /// `merged` (the adapter folded into the base: a plain Hugging Face directory) or `gguf`
+    /// (the merged model as OUT/model-<type>.gguf, for llama.cpp).
     Export {
         /// name@version or name@alias.
         reference: String,
-        /// peft or merged.
+        /// peft, merged or gguf.
         #[arg(long, default_value = "peft")]
         format: String,
+        /// With --format gguf: how the weight matrices are stored, f16 (the default) or q8_0
+        /// (norms and biases stay f32).
+        #[arg(long)]
+        gguf_type: Option<GgufType>,
         /// The output directory (must not exist).
         #[arg(long)]
         out: PathBuf,
@@ -181,9 +188,12 @@ pub fn run(c: Command) -> Result<()> {
         Command::Export {
             reference,
             format,
+            gguf_type,
             out,
             common,
         } => {
+            let ty =
+                crate::adapter_cmd::gguf_type_for(&format, gguf_type, &["peft", "merged", "gguf"])?;
             let (home, store) = common.open()?;
             let r = models::resolve(&home, &store, &reference)?
                 .ok_or_else(|| anyhow::anyhow!("{reference:?} is not a published model"))?;
@@ -193,23 +203,35 @@ pub fn run(c: Command) -> Result<()> {
                     out.display()
                 );
             }
-            match format.as_str() {
-                "peft" => {
+            let mut file = None;
+            match (format.as_str(), ty) {
+                ("gguf", Some(ty)) => {
+                    file = Some(crate::adapter_cmd::merge_to_gguf(
+                        &r.base_model,
+                        &r.adapter,
+                        &out,
+                        ty,
+                        &r.reference,
+                    )?);
+                }
+                ("merged", _) => crate::adapter_cmd::merge_to(&r.base_model, &r.adapter, &out)?,
+                _ => {
                     std::fs::create_dir_all(&out)?;
                     for e in std::fs::read_dir(&r.adapter)?.flatten() {
                         std::fs::copy(e.path(), out.join(e.file_name()))?;
                     }
                 }
-                "merged" => crate::adapter_cmd::merge_to(&r.base_model, &r.adapter, &out)?,
-                other => bail!("--format {other:?}: expected peft or merged"),
             }
             if common.json {
-                println!(
-                    "{}",
-                    json!({"model": r.reference, "format": format, "out": out})
-                );
+                let mut doc = json!({"model": r.reference, "format": format, "out": out});
+                if let (Some(f), Some(ty)) = (&file, ty) {
+                    doc["file"] = json!(f);
+                    doc["gguf_type"] = json!(ty.to_string());
+                }
+                println!("{doc}");
             } else {
-                println!("{} → {} ({format})", r.reference, out.display());
+                let shown = file.as_deref().unwrap_or(&out).display();
+                println!("{} → {shown} ({format})", r.reference);
             }
             Ok(())
         }

@@ -14,6 +14,7 @@ mod attention;
 pub mod batch;
 pub mod bf16;
 pub mod config;
+pub mod gguf_export;
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
