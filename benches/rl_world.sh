@@ -5,7 +5,8 @@
 #      (160 for training, 40 for eval) — the model has never called a tool before;
 #   2. SFT on them (1 epoch, batch 8, LoRA rank 16, lr 1e-3);
 #   3. publish the SFT adapter as vault-sft@1.0.0, alias champion;
-#   4. RL: datasets/worlds/vault/rl.toml (model = vault-sft@champion) against the live world,
+#   4. RL: datasets/worlds/vault/rl.toml (model = vault-sft@champion; 12 steps of 4 groups x 4
+#      episodes) against the live world,
 #      evaluated on world.yaml's 32 held-out eval_seeds before, midway and after.
 # Prints the job ids and one JSON line per RL step. The home is $WHET_HOME if set, else a new
 # temporary directory (kept, so `whet jobs …` can inspect it afterwards).
