@@ -155,3 +155,27 @@ fn publish_alias_train_on_champion_and_sample() {
     let listed = ok(&["models", "list", "--home", h, "--json"]);
     assert_eq!(listed.lines().count(), 1);
 }
+
+/// Regression: a job naming a model that was never published (`name@alias` in an empty home)
+/// was refused as a missing file or hub id; it is refused as an unpublished model.
+#[test]
+fn an_unpublished_model_reference_is_named_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("rows.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"a\", \"response\": \"b\"}\n").unwrap();
+    let home = tmp.path().join("home");
+    let e = fails(&[
+        "train",
+        "sft",
+        "--model",
+        "vault-sft@champion",
+        "--dataset",
+        s(&data),
+        "--home",
+        s(&home),
+    ]);
+    assert!(
+        e.contains("no model named \"vault-sft\" is published"),
+        "{e}"
+    );
+}

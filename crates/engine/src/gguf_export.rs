@@ -14,7 +14,8 @@
 //! - q8_0 blocks run along a row, so a matrix whose rows are not a multiple of 32 long cannot
 //!   be q8_0; it is written f16 (what llama.cpp's converter falls back to as well).
 //! - llama.cpp sizes the vocabulary from `tokenizer.ggml.tokens`, which must therefore have
-//!   exactly one entry per embedding row (unused rows get `[PAD<id>]` placeholders).
+//!   exactly one entry per embedding row (rows no token names get a `[PAD<id>]` filler
+//!   entry, as llama.cpp's converter writes them).
 
 use std::io::Write;
 use std::path::Path;

@@ -349,7 +349,7 @@ fn tokenizers_from_tokenizer_json() {
         "special tokens are control tokens"
     );
     assert_eq!(types[0].to_i32().unwrap(), 1);
-    // The trimmed vocabulary leaves holes: placeholders, of type unused.
+    // The trimmed vocabulary leaves holes: `[PAD<id>]` filler entries, of type unused.
     assert_eq!(tokens[284], "[PAD284]");
     assert_eq!(types[284].to_i32().unwrap(), 5);
     assert_eq!(k["tokenizer.ggml.bos_token_id"].to_u32().unwrap(), 128000);

@@ -277,6 +277,15 @@ pub fn resolve(home: &Home, store: &Store, spec: &str) -> Result<Option<Resolved
         return Ok(None);
     };
     if store.registry_list(KIND, Some(name))?.is_empty() {
+        // `name@version|alias` that is no file: a published model this home does not have
+        // (hub ids are `org/name`, and are left to the loader).
+        if !name.contains('/') {
+            return Err(JobError::Invalid(format!(
+                "model {spec:?}: no model named {name:?} is published in {} \
+                 (`whet models list`; publish one with `whet models publish JOB --name {name} ...`)",
+                home.root().display()
+            )));
+        }
         return Ok(None);
     }
     let doc = get(store, spec)?;
