@@ -10,6 +10,7 @@ mod model_cmd;
 mod models_cmd;
 mod registry_cmd;
 mod sample_cmd;
+mod serve_cmd;
 mod train_cmd;
 mod train_flags;
 mod worlds_cmd;
@@ -65,6 +66,12 @@ enum Command {
     /// See what a dataset becomes for a model: tokens and trained tokens per row.
     #[command(subcommand)]
     Data(data_cmd::Command),
+    /// Serve the Tinker wire protocol: the official `tinker` SDK and the cookbook's recipes
+    /// train and sample on this machine.
+    Serve(serve_cmd::Args),
+    /// API keys of `whet serve` beyond loopback: create, list, revoke.
+    #[command(subcommand)]
+    Keys(serve_cmd::Keys),
 }
 
 fn main() {
@@ -101,6 +108,8 @@ fn main() {
         Command::Capabilities(c) => registry_cmd::capabilities(c),
         Command::Worlds(c) => worlds_cmd::run(c),
         Command::Models(c) => models_cmd::run(c),
+        Command::Serve(a) => serve_cmd::run(a),
+        Command::Keys(c) => serve_cmd::keys(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,5 +1,5 @@
-//! The dependency arrows point one way (cli → engine → lora → contract; jobs → rl → sft → data →
-//! contract), and the tensor library stays out of the crates that only move data and talk the
+//! The dependency arrows point one way (cli → engine → lora → contract; cli → server → jobs → rl →
+//! sft → data → contract), and the tensor library stays out of the crates that only move data and talk the
 //! contract — so they build and test without candle. Checked on the real graph (`cargo metadata`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -107,17 +107,46 @@ fn dependency_arrows_point_one_way() {
         whet(&closure(&graph, "whet-jobs")),
         set(&["whet-contract", "whet-data", "whet-sft", "whet-rl"])
     );
+    // The server speaks the contract and the home; the engine reaches it only through the CLI.
+    assert_eq!(
+        whet(&closure(&graph, "whet-server")),
+        set(&[
+            "whet-contract",
+            "whet-data",
+            "whet-sft",
+            "whet-rl",
+            "whet-jobs"
+        ])
+    );
     for light in [
         "whet-contract",
         "whet-data",
         "whet-sft",
         "whet-rl",
         "whet-jobs",
+        "whet-server",
     ] {
         let deps = closure(&graph, light);
         assert!(
             !deps.iter().any(|d| d.starts_with("candle")),
             "{light} must not depend on candle"
+        );
+    }
+    // The HTTP stack stays in the server and the binary.
+    for name in [
+        "whet-contract",
+        "whet-data",
+        "whet-lora",
+        "whet-engine",
+        "whet-sft",
+        "whet-rl",
+        "whet-jobs",
+    ] {
+        assert!(
+            !closure(&graph, name)
+                .iter()
+                .any(|d| d == "axum" || d == "tokio"),
+            "{name} must not depend on axum or tokio"
         );
     }
     let deps = closure(&graph, "whet-contract");

@@ -7,8 +7,10 @@
 #![warn(missing_docs)]
 
 pub mod capabilities;
+pub mod checkpoints;
 pub mod datasets;
 pub mod home;
+pub mod keys;
 pub mod models;
 pub mod recorder;
 mod records;

@@ -1,0 +1,340 @@
+//! `whet serve`: the Tinker wire protocol on this machine, with whet's engine behind it; and
+//! `whet keys`, the API keys a server bound beyond loopback accepts.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use whet_contract::{ContractError, LoraConfig, SamplingClient, TrainingClient};
+use whet_engine::{Precision, TrainingSession};
+use whet_server::{Host, ServedModel};
+
+use crate::common::{self, Loaded};
+
+/// The default model's file (`tools/get-smollm2.sh`) and the name it is served under.
+const DEFAULT_MODEL: (&str, &str) = (
+    "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+);
+
+/// Flags of `whet serve`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to listen on (port 0 picks a free one). On loopback any `tml-…` key is
+    /// accepted; on any other address only keys made with `whet keys create`.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// A model to serve, `NAME=M`: clients ask for NAME (`base_model`, e.g. a Hugging Face id
+    /// the cookbook knows), M is a model directory, .gguf file or cached hub id. Repeatable.
+    /// Default: the SmolLM2 file of tools/get-smollm2.sh, as HuggingFaceTB/SmolLM2-135M-Instruct.
+    #[arg(long = "model", value_name = "NAME=M")]
+    models: Vec<String>,
+    /// Number format of the base projections: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
+    /// whet's home: checkpoints, keys, tokenizers (default: $WHET_HOME, else ~/.whet).
+    #[arg(long, env = "WHET_HOME")]
+    home: Option<PathBuf>,
+    /// Seconds a session lives without a heartbeat.
+    #[arg(long, default_value_t = 300)]
+    session_timeout_secs: u64,
+    /// Seconds `retrieve_future` holds a poll before answering `try_again`.
+    #[arg(long, default_value_t = 40)]
+    poll_hold_secs: u64,
+    /// Print one JSON line (`{"url", "models"}`) once listening, instead of a sentence.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Served name → (model spec, has a tokenizer).
+type Specs = HashMap<String, (String, bool)>;
+
+/// The engine as the server's host: each base model loaded once, on first use, and shared by
+/// every adapter and sampler on it.
+struct EngineHost {
+    specs: Specs,
+    precision: Precision,
+    loaded: HashMap<String, Loaded>,
+}
+
+fn engine_err(e: impl std::fmt::Display) -> ContractError {
+    ContractError::Internal(e.to_string())
+}
+
+impl EngineHost {
+    fn get(&mut self, name: &str) -> Result<&Loaded, ContractError> {
+        if !self.loaded.contains_key(name) {
+            let (spec, with_tokenizer) = self.specs.get(name).ok_or_else(|| {
+                ContractError::invalid("base_model", format!("unknown model {name:?}"))
+            })?;
+            let loaded = common::load(spec, self.precision, *with_tokenizer)
+                .map_err(|e| engine_err(format!("{e:#}")))?;
+            self.loaded.insert(name.to_string(), loaded);
+        }
+        Ok(&self.loaded[name])
+    }
+}
+
+impl Host for EngineHost {
+    fn training_client(
+        &mut self,
+        base_model: &str,
+        lora: &LoraConfig,
+        checkpoint_dir: &Path,
+    ) -> Result<Box<dyn TrainingClient>, ContractError> {
+        let loaded = self.get(base_model)?;
+        let config = whet_lora::LoraConfig::from_tinker(lora)
+            .map_err(|e| ContractError::invalid("lora_config", e.to_string()))?;
+        let session = TrainingSession::new(
+            loaded.model.clone(),
+            base_model,
+            config,
+            checkpoint_dir,
+            common::sampler_options(loaded),
+        )
+        .map_err(engine_err)?;
+        Ok(Box::new(session))
+    }
+
+    fn sampling_client(
+        &mut self,
+        base_model: &str,
+        adapter_dir: Option<&Path>,
+    ) -> Result<Box<dyn SamplingClient>, ContractError> {
+        let loaded = self.get(base_model)?;
+        let weights = match adapter_dir {
+            Some(dir) => Some(
+                common::load_adapter(loaded, dir)
+                    .map_err(|e| engine_err(format!("{e:#}")))?
+                    .sampling_weights()
+                    .map_err(engine_err)?,
+            ),
+            None => None,
+        };
+        Ok(Box::new(whet_engine::Sampler::new(
+            loaded.model.clone(),
+            weights,
+            common::sampler_options(loaded),
+        )))
+    }
+}
+
+/// A directory `transformers.AutoTokenizer` loads offline: the model's own when it has
+/// `tokenizer.json`, else one written under the home from the GGUF's tokenizer.
+fn tokenizer_dir(home: &whet_jobs::Home, name: &str, spec: &str) -> Result<PathBuf> {
+    let source = whet_engine::ModelSource::resolve(spec)?;
+    let path = source.tokenizer_path();
+    if path.is_dir()
+        && path.join("tokenizer.json").is_file()
+        && path.join("tokenizer_config.json").is_file()
+    {
+        return Ok(path.to_path_buf());
+    }
+    let tok = whet_data::Tokenizer::from_model_path(path)
+        .with_context(|| format!("loading the tokenizer of {spec}"))?;
+    let dir = home
+        .root()
+        .join("tokenizers")
+        .join(name.replace(['/', ':'], "__"));
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    tok.inner()
+        .save(tmp.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
+    let mut config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": false,
+    });
+    if let Some(t) = tok.chat_template() {
+        config["chat_template"] = json!(t.source());
+        for (k, v) in t.special_tokens() {
+            config[k.as_str()] = json!(v);
+        }
+    }
+    for (key, value) in [
+        ("bos_token", tok.bos_token()),
+        ("eos_token", tok.eos_token()),
+    ] {
+        if let Some(v) = value {
+            config[key] = json!(v);
+        }
+    }
+    std::fs::write(
+        tmp.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&config)?,
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)?;
+    Ok(dir)
+}
+
+/// The served models from `--model` flags (or the default one).
+fn served(args: &Args, home: &whet_jobs::Home) -> Result<(Vec<ServedModel>, Specs)> {
+    let mut pairs = Vec::new();
+    for m in &args.models {
+        let Some((name, spec)) = m.split_once('=') else {
+            bail!("--model {m:?}: expected NAME=M (e.g. meta-llama/Llama-3.2-1B=/models/llama)");
+        };
+        if name.is_empty() || name.contains(':') {
+            bail!("--model {m:?}: NAME must be non-empty and without ':'");
+        }
+        pairs.push((name.to_string(), spec.to_string()));
+    }
+    if pairs.is_empty() {
+        let (name, file) = DEFAULT_MODEL;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(file);
+        let path = [PathBuf::from(file), root]
+            .into_iter()
+            .find(|p| p.is_file());
+        let Some(path) = path else {
+            bail!("no --model given and the default model is missing: run tools/get-smollm2.sh, or pass --model NAME=M");
+        };
+        pairs.push((name.to_string(), path.display().to_string()));
+    }
+    let mut models = Vec::new();
+    let mut specs = HashMap::new();
+    for (name, spec) in pairs {
+        let source = whet_engine::ModelSource::resolve(&spec)
+            .with_context(|| format!("--model {name}={spec}"))?;
+        let config = whet_engine::loader::load_config(&source)
+            .with_context(|| format!("--model {name}={spec}"))?;
+        models.push(ServedModel {
+            name: name.clone(),
+            max_context_length: config.max_position_embeddings,
+            vocab_size: config.vocab_size,
+            tokenizer_dir: match tokenizer_dir(home, &name, &spec) {
+                Ok(dir) => Some(dir),
+                Err(e) => {
+                    // Token ids still train and sample; only stop strings and the SDK's
+                    // get_tokenizer() need one.
+                    tracing::warn!("{name}: no tokenizer ({e:#}); serving token ids only");
+                    None
+                }
+            },
+        });
+        let has_tokenizer = models.last().is_some_and(|m| m.tokenizer_dir.is_some());
+        specs.insert(name, (spec, has_tokenizer));
+    }
+    Ok((models, specs))
+}
+
+/// Runs `whet serve` until Ctrl-C.
+pub fn run(args: Args) -> Result<()> {
+    let home = whet_jobs::Home::resolve(args.home.clone())?;
+    let (models, specs) = served(&args, &home)?;
+    let mut config = whet_server::Config::new(models.clone());
+    config.session_timeout = Duration::from_secs(args.session_timeout_secs.max(1));
+    config.poll_hold = Duration::from_secs(args.poll_hold_secs);
+    config.open_access = args.listen.ip().is_loopback();
+    if !config.open_access {
+        config.keys = whet_jobs::keys::list(&home)?
+            .into_iter()
+            .map(|k| k.fingerprint)
+            .collect();
+        if config.keys.is_empty() {
+            bail!("--listen {}: beyond loopback only keys made with `whet keys create` are accepted, and this home has none", args.listen);
+        }
+    }
+    let host = EngineHost {
+        specs,
+        precision: args.precision,
+        loaded: HashMap::new(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let url = format!("http://{addr}");
+        let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+        if args.json {
+            println!(
+                "{}",
+                json!({"url": url, "models": names, "home": home.root()})
+            );
+        } else {
+            eprintln!(
+                "whet serve: {url} (models: {}; checkpoints in {})",
+                names.join(", "),
+                home.root().display()
+            );
+            eprintln!("  TINKER_BASE_URL={url} TINKER_API_KEY=tml-anything python your_script.py");
+        }
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        whet_server::serve(listener, Box::new(host), config, &home, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// `whet keys …`.
+#[derive(clap::Subcommand)]
+pub enum Keys {
+    /// Make a key (shown once; only its fingerprint is stored).
+    Create {
+        /// A label for the key.
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[command(flatten)]
+        home: common::HomeArgs,
+    },
+    /// List the keys' fingerprints and labels.
+    List {
+        #[command(flatten)]
+        home: common::HomeArgs,
+    },
+    /// Revoke a key by fingerprint or label.
+    Revoke {
+        /// Fingerprint or label.
+        which: String,
+        #[command(flatten)]
+        home: common::HomeArgs,
+    },
+}
+
+/// Runs `whet keys …`.
+pub fn keys(cmd: Keys) -> Result<()> {
+    match cmd {
+        Keys::Create { name, home } => {
+            let h = whet_jobs::Home::resolve(home.home.clone())?;
+            let (key, rec) = whet_jobs::keys::create(&h, &name)?;
+            if home.json {
+                println!(
+                    "{}",
+                    json!({"key": key, "fingerprint": rec.fingerprint, "name": rec.name})
+                );
+            } else {
+                println!("{key}");
+                eprintln!("(shown once; fingerprint {})", rec.fingerprint);
+            }
+        }
+        Keys::List { home } => {
+            let h = whet_jobs::Home::resolve(home.home.clone())?;
+            for k in whet_jobs::keys::list(&h)? {
+                if home.json {
+                    println!("{}", serde_json::to_string(&k)?);
+                } else {
+                    println!("{}  {}  {}", k.fingerprint, k.name, k.created_at);
+                }
+            }
+        }
+        Keys::Revoke { which, home } => {
+            let h = whet_jobs::Home::resolve(home.home.clone())?;
+            if !whet_jobs::keys::revoke(&h, &which)? {
+                bail!("no key {which:?}");
+            }
+        }
+    }
+    Ok(())
+}
