@@ -2,6 +2,7 @@
 
 mod adapter_cmd;
 mod backend;
+mod checkpoints_cmd;
 mod common;
 mod data_cmd;
 mod jobs_cmd;
@@ -69,6 +70,9 @@ enum Command {
     /// Serve the Tinker wire protocol: the official `tinker` SDK and the cookbook's recipes
     /// train and sample on this machine.
     Serve(serve_cmd::Args),
+    /// The home's Tinker checkpoints: import a PEFT adapter, list, export, delete.
+    #[command(subcommand)]
+    Checkpoints(checkpoints_cmd::Command),
     /// API keys of `whet serve` beyond loopback: create, list, revoke.
     #[command(subcommand)]
     Keys(serve_cmd::Keys),
@@ -110,6 +114,7 @@ fn main() {
         Command::Models(c) => models_cmd::run(c),
         Command::Serve(a) => serve_cmd::run(a),
         Command::Keys(c) => serve_cmd::keys(c),
+        Command::Checkpoints(c) => checkpoints_cmd::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

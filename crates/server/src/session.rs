@@ -101,7 +101,11 @@ pub async fn finish(
         return Ok(Json(json!({})));
     };
     tracing::info!("session {session_id} finished ({reason})");
-    state.send(Work::Drop { runs, samplers })?;
+    state.send(Work::Drop {
+        runs,
+        samplers,
+        autosave: Vec::new(),
+    })?;
     Ok(Json(json!({})))
 }
 

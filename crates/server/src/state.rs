@@ -460,8 +460,10 @@ impl State {
                 dropped_samplers.append(&mut s.samplers);
             }
         }
+        let mut autosave = Vec::new();
         for id in &dropped_runs {
             if let Some(run) = reg.runs.remove(id) {
+                autosave.push((id.clone(), run.owner.clone()));
                 for (req, _) in run.waiting.into_values() {
                     self.futures.fail(
                         &req,
@@ -500,6 +502,7 @@ impl State {
             let _ = self.send(Work::Drop {
                 runs: dropped_runs,
                 samplers: dropped_samplers,
+                autosave,
             });
         }
         self.checkpoints.sweep_expired();

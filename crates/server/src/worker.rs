@@ -124,6 +124,9 @@ pub enum Work {
         runs: Vec<String>,
         /// Sampler ids.
         samplers: Vec<String>,
+        /// The session expired (no heartbeat): each run's state is saved first, as
+        /// `weights/autosave-<unix time>` owned by `(run id, owner)`'s owner.
+        autosave: Vec<(String, String)>,
     },
 }
 
@@ -278,7 +281,14 @@ impl Worker {
                 };
                 self.futures.complete(&request_id, outcome);
             }
-            Work::Drop { runs, samplers } => {
+            Work::Drop {
+                runs,
+                samplers,
+                autosave,
+            } => {
+                for (run_id, owner) in autosave {
+                    self.autosave(&run_id, &owner);
+                }
                 for id in runs {
                     self.runs.remove(&id);
                 }
@@ -286,6 +296,42 @@ impl Worker {
                     self.samplers.remove(&id);
                 }
             }
+        }
+    }
+
+    /// Saves an abandoned run's state, so a client that vanished loses nothing.
+    fn autosave(&mut self, run_id: &str, owner: &str) {
+        let Some(tc) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let path = TinkerPath {
+            run_id: run_id.to_string(),
+            kind: CheckpointKind::Training,
+            name: format!("autosave-{}", whet_jobs::now_unix()),
+        };
+        let op = TrainOp::Save {
+            path: path.clone(),
+            owner: owner.to_string(),
+            ttl_seconds: None,
+            user_metadata: None,
+            reply_type: "save_weights",
+        };
+        match train(
+            tc.as_mut(),
+            run_id,
+            op,
+            &self.checkpoints,
+            &mut self.exports,
+        )
+        .0
+        {
+            Outcome::Failed { message, .. } => {
+                tracing::error!("{run_id}: saving its state before dropping it failed: {message}")
+            }
+            _ => tracing::info!(
+                "{run_id}: session expired; state saved as {}",
+                path.to_uri()
+            ),
         }
     }
 

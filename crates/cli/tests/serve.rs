@@ -1,0 +1,452 @@
+//! `whet serve` at the HTTP level, on the tiny fixture model: the statuses and messages of bad
+//! input, keys and ownership, `seq_id` ordering (out of order, refused, retried), expiry of
+//! abandoned sessions (their state saved first), and `whet checkpoints import/list/export`
+//! feeding `create_training_client_from_state`. The official SDK's full flow, with numbers
+//! checked against the engine, is in tests/tinker_sdk.rs.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const MODEL: &str = "tiny/llama";
+
+/// A `whet serve` child, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(home: &std::path::Path, extra: &[&str]) -> Server {
+    let model = format!("{MODEL}={}", common::fixture("tiny-llama").display());
+    let listen = if extra.contains(&"--listen") {
+        vec![]
+    } else {
+        vec!["--listen", "127.0.0.1:0"]
+    };
+    let mut args = vec!["serve"];
+    args.extend(listen);
+    args.extend([
+        "--json",
+        "--poll-hold-secs",
+        "2",
+        "--model",
+        &model,
+        "--home",
+        home.to_str().unwrap(),
+    ]);
+    args.extend_from_slice(extra);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("whet serve starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ready: Value = serde_json::from_str(&line).expect("whet serve prints its url");
+    // A server on every interface is reached through loopback.
+    let addr = ready["url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .replace("0.0.0.0", "127.0.0.1");
+    Server { child, addr }
+}
+
+/// One HTTP/1.1 request; returns the status and the body as JSON (`Value::Null` if not JSON).
+fn http(s: &Server, method: &str, path: &str, key: Option<&str>, body: &[u8]) -> (u16, Value) {
+    let mut stream = TcpStream::connect(&s.addr).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        s.addr,
+        body.len()
+    );
+    if let Some(k) = key {
+        head.push_str(&format!("X-API-Key: {k}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let status: u16 = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn post(s: &Server, path: &str, key: &str, body: Value) -> (u16, Value) {
+    http(s, "POST", path, Some(key), body.to_string().as_bytes())
+}
+
+/// Polls a future until it resolves.
+fn result(s: &Server, key: &str, submitted: &Value) -> Value {
+    let id = submitted["request_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not a future: {submitted}"));
+    let start = Instant::now();
+    loop {
+        let (status, v) = post(s, "/api/v1/retrieve_future", key, json!({"request_id": id}));
+        assert_eq!(status, 200, "{v}");
+        if v["type"] != "try_again" {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "future {id} never resolved"
+        );
+    }
+}
+
+fn session(s: &Server, key: &str) -> String {
+    let (status, v) = post(s, "/api/v1/create_session", key, json!({"tags": []}));
+    assert_eq!(status, 200, "{v}");
+    v["session_id"].as_str().unwrap().to_string()
+}
+
+/// A LoRA training client; returns its model id.
+fn create_model(s: &Server, key: &str, session: &str, n: u32) -> String {
+    let (status, v) = post(
+        s,
+        "/api/v1/create_model",
+        key,
+        json!({"session_id": session, "model_seq_id": n, "base_model": MODEL,
+               "lora_config": {"rank": 4, "train_unembed": true}}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let r = result(s, key, &v);
+    assert!(r["error"].is_null(), "{r}");
+    r["model_id"].as_str().unwrap().to_string()
+}
+
+fn optim(s: &Server, key: &str, model: &str, seq: i64, lr: f64) -> (u16, Value) {
+    post(
+        s,
+        "/api/v1/optim_step",
+        key,
+        json!({"model_id": model, "seq_id": seq, "adam_params": {"learning_rate": lr}}),
+    )
+}
+
+fn save_state(s: &Server, key: &str, model: &str, seq: i64, name: &str) -> String {
+    let (status, v) = post(
+        s,
+        "/api/v1/save_weights",
+        key,
+        json!({"model_id": model, "seq_id": seq, "path": name}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let r = result(s, key, &v);
+    r["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_string()
+}
+
+#[test]
+fn bad_input_keys_ownership_and_seq_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(tmp.path(), &[]);
+    let (a, b) = ("tml-alice", "tml-bob");
+
+    // No key, or not a Tinker-style key: 401 with a message.
+    let (status, v) = http(&s, "POST", "/api/v1/create_session", None, b"{}");
+    assert_eq!(status, 401);
+    assert!(v["error"].as_str().unwrap().contains("X-API-Key"), "{v}");
+    assert_eq!(
+        post(&s, "/api/v1/create_session", "sk-123", json!({})).0,
+        401
+    );
+
+    let sa = session(&s, a);
+    // An unknown model: 400 naming the field and the served models.
+    let (status, v) = post(
+        &s,
+        "/api/v1/create_model",
+        a,
+        json!({"session_id": sa, "model_seq_id": 0, "base_model": "no/such"}),
+    );
+    assert_eq!(status, 400);
+    let msg = v["error"].as_str().unwrap();
+    assert!(msg.contains("base_model") && msg.contains(MODEL), "{msg}");
+    assert_eq!(v["category"], "user");
+
+    let model = create_model(&s, a, &sa, 0);
+    let (status, info) = post(&s, "/api/v1/get_info", a, json!({"model_id": model}));
+    assert_eq!(status, 200);
+    assert_eq!(info["model_data"]["model_name"], MODEL);
+    assert_eq!(info["lora_rank"], 4);
+
+    // A body that is not a ForwardBackwardRequest: 400, and the server goes on.
+    let (status, v) = http(
+        &s,
+        "POST",
+        "/api/v1/forward_backward",
+        Some(a),
+        b"\xff\x00junk",
+    );
+    assert_eq!(status, 400);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("ForwardBackwardRequest"),
+        "{v}"
+    );
+
+    // seq 2 arrives before seq 1: it waits (try_again), then both run in order.
+    let (status, second) = optim(&s, a, &model, 2, 1e-3);
+    assert_eq!(status, 200);
+    let (_, pending) = post(
+        &s,
+        "/api/v1/retrieve_future",
+        a,
+        json!({"request_id": second["request_id"]}),
+    );
+    assert_eq!(pending["type"], "try_again", "{pending}");
+    let (_, first) = optim(&s, a, &model, 1, 1e-3);
+    assert!(result(&s, a, &first)["metrics"].is_object());
+    assert!(result(&s, a, &second)["metrics"].is_object());
+    // A retry of seq 2 is the same future (the step is not applied twice).
+    let (_, again) = optim(&s, a, &model, 2, 1e-3);
+    assert_eq!(again["request_id"], second["request_id"]);
+    // A refused request uses up its seq id: seq 4 does not wait for it.
+    let (status, v) = optim(&s, a, &model, 3, -1.0);
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("learning_rate"),
+        "{v}"
+    );
+    let path = save_state(&s, a, &model, 4, "s1");
+    assert_eq!(path, format!("tinker://{model}/weights/s1"));
+
+    // Another key: the run and the checkpoint are not theirs.
+    let sb = session(&s, b);
+    assert_eq!(
+        post(&s, "/api/v1/get_info", b, json!({"model_id": model})).0,
+        404
+    );
+    let (status, v) = post(&s, "/api/v1/weights_info", b, json!({"tinker_path": path}));
+    assert_eq!(status, 403, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("another API key"));
+    let (status, _) = post(
+        &s,
+        "/api/v1/load_weights",
+        b,
+        json!({"session_id": sb, "model_seq_id": 0, "path": path, "optimizer": true}),
+    );
+    assert_eq!(status, 403);
+    let rest = format!("/api/v1/training_runs/{model}/checkpoints/weights/s1");
+    assert_eq!(http(&s, "DELETE", &rest, Some(b), b"").0, 403);
+    let (_, listed) = http(&s, "GET", "/api/v1/checkpoints", Some(b), b"");
+    assert_eq!(listed["checkpoints"].as_array().unwrap().len(), 0);
+
+    // A missing checkpoint: 404 naming it.
+    let missing = format!("tinker://{model}/weights/nope");
+    let (status, v) = post(
+        &s,
+        "/api/v1/load_weights",
+        a,
+        json!({"session_id": sa, "model_seq_id": 1, "path": missing, "optimizer": true}),
+    );
+    assert_eq!(status, 404);
+    assert!(v["error"].as_str().unwrap().contains("nope"), "{v}");
+
+    // The owner continues from its state, then deletes it.
+    let (status, v) = post(
+        &s,
+        "/api/v1/load_weights",
+        a,
+        json!({"session_id": sa, "model_seq_id": 1, "path": path, "optimizer": true}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let loaded = result(&s, a, &v);
+    assert_eq!(loaded["model_id"], format!("{sa}:train:1"));
+    let (_, w) = post(&s, "/api/v1/weights_info", a, json!({"tinker_path": path}));
+    assert_eq!(
+        (w["lora_rank"].as_u64(), w["train_unembed"].as_bool()),
+        (Some(4), Some(false))
+    );
+    assert_eq!(http(&s, "DELETE", &rest, Some(a), b"").0, 200);
+    assert_eq!(
+        post(&s, "/api/v1/weights_info", a, json!({"tinker_path": path})).0,
+        404
+    );
+    let (status, v) = http(&s, "GET", "/api/v1/no_such_thing", Some(a), b"");
+    assert_eq!(status, 404);
+    assert!(v["error"].is_string());
+}
+
+#[test]
+fn an_abandoned_session_expires_and_its_state_is_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(tmp.path(), &["--session-timeout-secs", "1"]);
+    let key = "tml-gone";
+    let sid = session(&s, key);
+    let model = create_model(&s, key, &sid, 0);
+    let (_, step) = optim(&s, key, &model, 1, 1e-3);
+    result(&s, key, &step);
+    // No heartbeats: the session ends, the client goes, its state stays.
+    let start = Instant::now();
+    loop {
+        let (status, _) = post(
+            &s,
+            "/api/v1/session_heartbeat",
+            key,
+            json!({"session_id": sid}),
+        );
+        if status == 410 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the session never expired"
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    assert_eq!(optim(&s, key, &model, 2, 1e-3).0, 404);
+    let start = Instant::now();
+    let saved = loop {
+        let (_, v) = http(
+            &s,
+            "GET",
+            &format!("/api/v1/training_runs/{model}/checkpoints"),
+            Some(key),
+            b"",
+        );
+        if let Some(c) = v["checkpoints"].as_array().and_then(|c| c.first()) {
+            break c.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no autosave: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(saved["checkpoint_type"], "training");
+    assert!(saved["checkpoint_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("weights/autosave-"));
+}
+
+#[test]
+fn imported_adapters_continue_and_keys_guard_a_public_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let home_s = home.to_str().unwrap();
+    let model = format!("{MODEL}={}", common::fixture("tiny-llama").display());
+    let adapter = common::fixture("tiny-llama/adapter");
+    let out = common::ok(&[
+        "checkpoints",
+        "import",
+        "--model",
+        &model,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--name",
+        "peft",
+        "--home",
+        home_s,
+        "--json",
+    ]);
+    let imported: Value = serde_json::from_str(&out).unwrap();
+    let path = imported["tinker_path"].as_str().unwrap().to_string();
+    assert!(
+        path.starts_with("tinker://import-") && path.ends_with("/weights/peft"),
+        "{path}"
+    );
+    let listed = common::ok(&["checkpoints", "list", "--home", home_s, "--json"]);
+    assert!(listed.contains(&path), "{listed}");
+    // Exported again as PEFT: the same tensors as the adapter that came in.
+    let exported = tmp.path().join("exported");
+    common::ok(&[
+        "checkpoints",
+        "export",
+        &path,
+        "--out",
+        exported.to_str().unwrap(),
+        "--home",
+        home_s,
+    ]);
+    let read = |dir: &std::path::Path| {
+        let tensors = candle_core::safetensors::load(
+            dir.join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut t: Vec<(String, Vec<f32>)> = tensors
+            .into_iter()
+            .map(|(n, v)| (n, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
+        t.sort_by(|x, y| x.0.cmp(&y.0));
+        t
+    };
+    assert_eq!(read(&adapter), read(&exported));
+    // A bad adapter is refused before anything is written.
+    let err = common::fails(&[
+        "checkpoints",
+        "import",
+        "--model",
+        &model,
+        "--adapter",
+        "/nonexistent",
+        "--home",
+        home_s,
+    ]);
+    assert!(err.contains("nonexistent"), "{err}");
+
+    // Beyond loopback only the home's keys are accepted.
+    let err = common::fails(&[
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--model",
+        &model,
+        "--home",
+        home_s,
+    ]);
+    assert!(err.contains("whet keys create"), "{err}");
+    let made: Value = serde_json::from_str(&common::ok(&[
+        "keys", "create", "--name", "ci", "--home", home_s, "--json",
+    ]))
+    .unwrap();
+    let key = made["key"].as_str().unwrap();
+    let s = serve(&home, &["--listen", "0.0.0.0:0"]);
+    assert_eq!(
+        post(&s, "/api/v1/create_session", "tml-guess", json!({})).0,
+        401
+    );
+    let sid = session(&s, key);
+    // The imported state (the home's own) continues on the server.
+    let (status, v) = post(
+        &s,
+        "/api/v1/load_weights",
+        key,
+        json!({"session_id": sid, "model_seq_id": 0, "path": path, "optimizer": false}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let r = result(&s, key, &v);
+    assert!(r["error"].is_null(), "{r}");
+    let (_, info) = post(
+        &s,
+        "/api/v1/get_info",
+        key,
+        json!({"model_id": format!("{sid}:train:0")}),
+    );
+    assert_eq!(info["lora_rank"], imported["lora_rank"]);
+}
