@@ -14,6 +14,7 @@
 //! - [`error`]: the HTTP mapping of every failure.
 
 pub mod archive;
+pub mod client;
 pub mod error;
 pub mod futures;
 pub mod proto;

@@ -7,7 +7,7 @@
 //! concatenated, with `num_datums + 1` int64 *byte* offsets.
 
 #[allow(missing_docs, clippy::all)]
-mod generated {
+pub(crate) mod generated {
     include!("proto/tinker_public.rs");
 }
 
@@ -454,5 +454,27 @@ mod tests {
         assert_eq!(i64s(&lp.offsets, "o").unwrap(), vec![0, 8, 12]);
         assert_eq!(f32s(&lp.data, "d").unwrap(), vec![-1.0, -2.0, -3.0]);
         assert_eq!(back.metrics["loss:sum"], 6.0);
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use sha2::{Digest, Sha256};
+
+    /// The committed Rust code was generated from the committed schema: editing the .proto
+    /// without `tools/gen-proto.sh` fails here.
+    #[test]
+    fn generated_code_matches_the_schema() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let proto = std::fs::read(dir.join("proto/tinker_public.proto")).unwrap();
+        let hex: String = Sha256::digest(&proto)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let generated = std::fs::read_to_string(dir.join("src/proto/tinker_public.rs")).unwrap();
+        assert!(
+            generated.contains(&format!("// proto sha256: {hex}")),
+            "src/proto/tinker_public.rs is stale: run tools/gen-proto.sh"
+        );
     }
 }
