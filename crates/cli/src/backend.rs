@@ -1,5 +1,5 @@
-//! The in-process backend of jobs: whet's engine on this machine (`backend = "local"`), and the
-//! terminal's progress bar.
+//! The backend of jobs: whet's engine on this machine (`backend = "local"`) or a Tinker-protocol
+//! server (`backend = "tinker"`, see [`crate::remote`]), and the terminal's progress bar.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,13 +34,30 @@ fn backend_error(e: impl std::fmt::Display) -> JobError {
     JobError::Backend(e.to_string())
 }
 
-/// The engine in this process; the model is loaded once per job.
+/// The engine in this process (the model loaded once per job), or, for a
+/// `backend = "tinker"` job, a Tinker-protocol server.
 #[derive(Default)]
 pub struct Local {
     loaded: Option<common::Loaded>,
+    remote: Option<crate::remote::Remote>,
 }
 
 impl whet_jobs::Backend for Local {
+    fn select(&mut self, spec: &whet_jobs::JobSpec) -> Result<(), JobError> {
+        self.remote = match (spec.backend, &spec.tinker) {
+            (whet_jobs::spec::BackendKind::Tinker, Some(t)) => {
+                Some(crate::remote::Remote::new(t.clone()))
+            }
+            (whet_jobs::spec::BackendKind::Tinker, None) => {
+                return Err(JobError::Invalid(
+                    "backend = \"tinker\" needs a [tinker] table".into(),
+                ))
+            }
+            (whet_jobs::spec::BackendKind::Local, _) => None,
+        };
+        Ok(())
+    }
+
     fn check_model(&mut self, model: &str) -> Result<(), JobError> {
         ModelSource::resolve(model)
             .map(|_| ())
@@ -53,6 +70,9 @@ impl whet_jobs::Backend for Local {
         precision: &str,
         with_tokenizer: bool,
     ) -> Result<BaseModel, JobError> {
+        if let Some(remote) = &mut self.remote {
+            return remote.load_model(model, with_tokenizer);
+        }
         let precision: Precision = precision.parse().map_err(backend_error)?;
         let loaded = common::load(model, precision, with_tokenizer)
             .map_err(|e| backend_error(format!("{e:#}")))?;
@@ -69,6 +89,9 @@ impl whet_jobs::Backend for Local {
         lora: &LoraSpec,
         checkpoints: &Path,
     ) -> Result<Box<dyn TrainingClient>, JobError> {
+        if let Some(remote) = &mut self.remote {
+            return remote.training_client(lora, checkpoints);
+        }
         let loaded = self
             .loaded
             .as_ref()

@@ -10,6 +10,7 @@ mod logprobs_cmd;
 mod model_cmd;
 mod models_cmd;
 mod registry_cmd;
+mod remote;
 mod sample_cmd;
 mod serve_cmd;
 mod train_cmd;

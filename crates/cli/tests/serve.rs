@@ -450,3 +450,107 @@ fn imported_adapters_continue_and_keys_guard_a_public_address() {
     );
     assert_eq!(info["lora_rank"], imported["lora_rank"]);
 }
+
+/// `backend = "tinker"`: the same job file trains on a server instead of in process, and
+/// gives the same losses and gradient norms step by step; its final adapter lands in the
+/// job's run directory as with the local backend.
+#[test]
+fn a_job_on_a_tinker_backend_matches_the_local_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(&tmp.path().join("server-home"), &[]);
+    let dir = common::fixture("tiny-llama");
+    let job = |backend: &str| {
+        format!(
+            "name = \"remote\"\nshape = \"sft\"\nmodel = {:?}\n{backend}[data]\ndataset = {:?}\n\
+             format = \"datums\"\n[lora]\nrank = 2\n[optimizer]\nlearning_rate = 0.01\n\
+             [schedule]\nepochs = 3\nbatch_size = 3\nshuffle = false\nlr_schedule = \"constant\"\n\
+             eval_interval = 0\n",
+            dir.display().to_string(),
+            dir.join("datums.jsonl").display().to_string(),
+        )
+    };
+    let remote = format!(
+        "backend = \"tinker\"\n[tinker]\nbase_url = \"http://{}\"\nbase_model = \"{MODEL}\"\n",
+        s.addr
+    );
+    // TOML: the [tinker] table must come after the top-level keys and before [data].
+    let run = |name: &str, text: String| -> Vec<Value> {
+        let file = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let home = tmp.path().join(format!("{name}-home"));
+        let out = Command::new(env!("CARGO_BIN_EXE_whet"))
+            .args([
+                "train",
+                file.to_str().unwrap(),
+                "--home",
+                home.to_str().unwrap(),
+                "--json",
+            ])
+            .env("TINKER_API_KEY", "tml-job")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let record: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(record["status"], "completed", "{record}");
+        assert_eq!(record["backend"], name, "{record}");
+        let adapter = record["artifacts"]["final_adapter"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            std::path::Path::new(&adapter)
+                .join("adapter_model.safetensors")
+                .is_file(),
+            "{name}: the final adapter is not on this machine: {adapter}"
+        );
+        let id = record["id"].as_str().unwrap();
+        common::ok(&[
+            "jobs",
+            "metrics",
+            id,
+            "--home",
+            home.to_str().unwrap(),
+            "--json",
+        ])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+    };
+    let local = run("local", job(""));
+    let tinker = run("tinker", job(&remote));
+    assert_eq!(local.len(), 3);
+    assert_eq!(local.len(), tinker.len());
+    for (l, t) in local.iter().zip(&tinker) {
+        for key in ["loss", "grad_norm"] {
+            let (a, b) = (l[key].as_f64().unwrap(), t[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                "{key}: local {l} vs tinker {t}"
+            );
+        }
+    }
+    // A job naming a model the server does not serve fails with the served names.
+    let bad = job(&remote.replace(MODEL, "other/model"));
+    let file = tmp.path().join("bad.toml");
+    std::fs::write(&file, bad).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args([
+            "train",
+            file.to_str().unwrap(),
+            "--home",
+            tmp.path().join("bad-home").to_str().unwrap(),
+        ])
+        .env("TINKER_API_KEY", "tml-job")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tinker.base_model") && err.contains(MODEL),
+        "{err}"
+    );
+}

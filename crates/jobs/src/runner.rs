@@ -28,6 +28,16 @@ pub struct BaseModel {
 
 /// What trains: the engine in process, or a remote Tinker-protocol service.
 pub trait Backend {
+    /// Points the backend where `spec` trains (`backend`, `[tinker]`); called first, at
+    /// submission and at run time. The default serves local jobs only.
+    fn select(&mut self, spec: &JobSpec) -> Result<(), JobError> {
+        match spec.backend {
+            crate::spec::BackendKind::Local => Ok(()),
+            crate::spec::BackendKind::Tinker => Err(JobError::Invalid(
+                "this runner trains in process only (`backend = \"local\"`)".into(),
+            )),
+        }
+    }
     /// Checks that `model` can be loaded (cheaply: it exists, it is a supported kind), at
     /// submission, so a job naming a missing model fails before it is queued.
     fn check_model(&mut self, model: &str) -> Result<(), JobError>;
@@ -134,6 +144,7 @@ fn resolve_refs(
     backend: &mut dyn Backend,
     spec: &JobSpec,
 ) -> Result<(JobSpec, Value), JobError> {
+    backend.select(spec)?;
     backend.check_model(&spec.model)?;
     let mut out = spec.clone();
     let format = spec.data.format;
@@ -226,7 +237,7 @@ pub fn submit(
         "id": id,
         "status": "queued",
         "name": spec.name,
-        "backend": "local",
+        "backend": spec.backend,
         "trainer_type": spec.shape,
         "algorithm": spec.rl.as_ref().map(|r| json!(r.algorithm))
             .or_else(|| (spec.shape == Shape::Rl).then(|| json!(whet_rl::Algorithm::default()))),
@@ -430,6 +441,7 @@ pub fn run_job(
     store.save_job(&record)?;
     let outcome = serde_json::from_value::<JobSpec>(record["config"].clone())
         .map_err(|e| JobError::Invalid(format!("job {id}: its stored config: {e}")))
+        .and_then(|spec| backend.select(&spec).map(|()| spec))
         .and_then(|spec| match spec.shape {
             Shape::Rl => crate::rl_run::run(
                 home,

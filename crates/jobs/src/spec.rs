@@ -125,10 +125,46 @@ impl Default for LoraSpec {
     }
 }
 
+/// Where a job trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// whet's engine in this process.
+    #[default]
+    Local,
+    /// A Tinker-protocol server (`[tinker]`): `whet serve` on another machine, or a hosted
+    /// service.
+    Tinker,
+}
+
+fn default_key_env() -> String {
+    "TINKER_API_KEY".into()
+}
+
+/// `[tinker]`: the server of a `backend = "tinker"` job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TinkerBackend {
+    /// The server, e.g. `http://gpu-box:8000`.
+    pub base_url: String,
+    /// The model's name on the server (its `base_model`). The job's `model` stays a local
+    /// copy: its tokenizer and chat template render the rows here.
+    pub base_model: String,
+    /// The environment variable that holds the API key (a key is never stored in a job).
+    #[serde(default = "default_key_env")]
+    pub api_key_env: String,
+}
+
 /// A job file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
+    /// Where it trains: `local` (the default) or `tinker` (then `[tinker]` says where).
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// The server of `backend = "tinker"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tinker: Option<TinkerBackend>,
     /// A name for people.
     pub name: String,
     /// SFT or RL.
@@ -232,6 +268,27 @@ impl JobSpec {
         }
         if self.model.trim().is_empty() {
             return Err("`model` is empty".into());
+        }
+        match (self.backend, &self.tinker) {
+            (BackendKind::Local, Some(_)) => {
+                return Err("`[tinker]` is for `backend = \"tinker\"` jobs".into())
+            }
+            (BackendKind::Tinker, None) => return Err(
+                "`backend = \"tinker\"` needs a `[tinker]` table with `base_url` and `base_model`"
+                    .into(),
+            ),
+            (BackendKind::Tinker, Some(t)) => {
+                if !(t.base_url.starts_with("http://") || t.base_url.starts_with("https://")) {
+                    return Err(format!(
+                        "`tinker.base_url` {:?} is not an http:// or https:// URL",
+                        t.base_url
+                    ));
+                }
+                if t.base_model.trim().is_empty() {
+                    return Err("`tinker.base_model` is empty".into());
+                }
+            }
+            (BackendKind::Local, None) => {}
         }
         match self.shape {
             Shape::Sft => {
@@ -397,5 +454,27 @@ checkpoint_interval = 50
         assert!(e.contains("data.dataset"), "{e}");
         let e = JobSpec::from_toml(&format!("capability = \"support\"\n{MINIMAL}")).unwrap_err();
         assert!(e.contains("name@version"), "{e}");
+    }
+
+    #[test]
+    fn a_tinker_backend_needs_its_server() {
+        let remote = format!("backend = \"tinker\"\n{MINIMAL}[tinker]\nbase_url = \"http://box:8000\"\nbase_model = \"org/m\"\n");
+        let s = JobSpec::from_toml(&remote).unwrap();
+        assert_eq!(s.backend, BackendKind::Tinker);
+        let t = s.tinker.unwrap();
+        assert_eq!(
+            (t.base_model.as_str(), t.api_key_env.as_str()),
+            ("org/m", "TINKER_API_KEY")
+        );
+        let e = JobSpec::from_toml(&format!("backend = \"tinker\"\n{MINIMAL}")).unwrap_err();
+        assert!(e.contains("[tinker]"), "{e}");
+        let e = JobSpec::from_toml(&remote.replace("http://box:8000", "box:8000")).unwrap_err();
+        assert!(e.contains("tinker.base_url"), "{e}");
+        let e = JobSpec::from_toml(&remote.replace("backend = \"tinker\"\n", "")).unwrap_err();
+        assert!(e.contains("[tinker]"), "{e}");
+        assert_eq!(
+            JobSpec::from_toml(MINIMAL).unwrap().backend,
+            BackendKind::Local
+        );
     }
 }
