@@ -10,7 +10,7 @@
 //! - [`state`]: sessions, training runs with their `seq_id` order, samplers, keys;
 //! - [`session`]: client config, sessions, heartbeats, `retrieve_future`;
 //! - [`worker`]: the thread that runs the work;
-//! - [`training`], [`sampling`], [`rest`]: the endpoints; [`proto`]: the protobuf messages;
+//! - [`training`], [`weights`], [`sampling`], [`rest`]: the endpoints; [`proto`]: the protobuf messages;
 //! - [`error`]: the HTTP mapping of every failure.
 
 pub mod archive;
@@ -23,6 +23,7 @@ pub mod sampling;
 pub mod session;
 pub mod state;
 pub mod training;
+pub mod weights;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -122,15 +123,15 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/api/v1/get_info", post(training::get_info))
         .route("/api/v1/forward_backward", post(training::forward_backward))
         .route("/api/v1/optim_step", post(training::optim_step))
-        .route("/api/v1/save_weights", post(training::save_weights))
-        .route("/api/v1/load_weights", post(training::load_weights))
+        .route("/api/v1/save_weights", post(weights::save_weights))
+        .route("/api/v1/load_weights", post(weights::load_weights))
         .route(
             "/api/v1/save_weights_for_sampler",
-            post(training::save_weights_for_sampler),
+            post(weights::save_weights_for_sampler),
         )
         .route(
             "/api/v1/save_weights_external",
-            post(training::save_weights_external),
+            post(weights::save_weights_external),
         )
         .route(
             "/api/v1/create_sampling_session",

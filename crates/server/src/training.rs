@@ -1,5 +1,5 @@
-//! Training endpoints: `create_model`, `get_info`, `forward_backward` (protobuf), `optim_step`,
-//! `save_weights`, `load_weights`, `save_weights_for_sampler`, `save_weights_external`.
+//! Training endpoints: `create_model`, `get_info`, `forward_backward` (protobuf), `optim_step`
+//! (the weights endpoints are in [`crate::weights`]).
 //!
 //! Each handler checks the whole request (model, loss, tokens against the vocabulary, lengths
 //! against the context) and answers 400 naming the field before anything is queued; what it
@@ -15,14 +15,14 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use whet_contract::{AdamParams, Datum, LoraConfig, LossFn};
-use whet_jobs::checkpoints::{check_name, CheckpointKind, RunRecord, TinkerPath};
+use whet_jobs::checkpoints::RunRecord;
 
 use crate::error::ApiError;
 use crate::state::{parse, State};
 use crate::worker::{TrainOp, Work};
 use crate::ServedModel;
 
-fn future(request_id: String, model_id: &str) -> Json<Value> {
+pub(crate) fn future(request_id: String, model_id: &str) -> Json<Value> {
     Json(json!({"request_id": request_id, "model_id": model_id}))
 }
 
@@ -61,7 +61,7 @@ struct CreateModel {
     user_metadata: Option<Value>,
 }
 
-fn check_optimizer(config: &Option<Value>) -> Result<(), ApiError> {
+pub(crate) fn check_optimizer(config: &Option<Value>) -> Result<(), ApiError> {
     match config.as_ref().and_then(|c| c["type"].as_str()) {
         None | Some("adamw") => Ok(()),
         Some(other) => Err(ApiError::bad(
@@ -106,7 +106,7 @@ fn lora_config(wire: Option<WireLora>) -> Result<LoraConfig, ApiError> {
     })
 }
 
-fn run_record(
+pub(crate) fn run_record(
     run_id: &str,
     base_model: &str,
     lora: &LoraConfig,
@@ -264,6 +264,23 @@ fn check_datums(data: &[Datum], model: &ServedModel) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The body, inflated when `Content-Encoding: zstd` (the SDK's `proto_compress_fwdbwd`).
+fn decompressed(headers: &HeaderMap, body: Bytes) -> Result<Bytes, ApiError> {
+    let zstd = headers
+        .get(axum::http::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("zstd"));
+    if !zstd {
+        return Ok(body);
+    }
+    let mut out = Vec::new();
+    ruzstd::decoding::StreamingDecoder::new(&body[..])
+        .map_err(|e| ApiError::bad("body", format!("not zstd: {e}")))?
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::bad("body", format!("broken zstd stream: {e}")))?;
+    Ok(Bytes::from(out))
+}
+
 /// `POST /api/v1/forward_backward`: a protobuf `ForwardBackwardRequest` (zstd accepted).
 pub async fn forward_backward(
     AxState(state): AxState<Arc<State>>,
@@ -271,20 +288,7 @@ pub async fn forward_backward(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let owner = state.owner(&headers)?;
-    let zstd = headers
-        .get(axum::http::header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("zstd"));
-    let body = if zstd {
-        let mut out = Vec::new();
-        ruzstd::decoding::StreamingDecoder::new(&body[..])
-            .map_err(|e| ApiError::bad("body", format!("not zstd: {e}")))?
-            .read_to_end(&mut out)
-            .map_err(|e| ApiError::bad("body", format!("broken zstd stream: {e}")))?;
-        Bytes::from(out)
-    } else {
-        body
-    };
+    let body = decompressed(&headers, body)?;
     let req = crate::proto::decode_train_request(&body)?;
     let (base_model, _) = state.run_info(&owner, &req.model_id)?;
     let op = loss_fn(&req.loss_fn).and_then(|loss| {
@@ -343,258 +347,59 @@ pub async fn optim_step(
     Ok(future(id, &req.model_id))
 }
 
-#[derive(Deserialize)]
-struct Save {
-    model_id: String,
-    #[serde(default)]
-    path: Option<String>,
-    #[serde(default)]
-    seq_id: Option<i64>,
-    #[serde(default)]
-    ttl_seconds: Option<u64>,
-    #[serde(default)]
-    user_metadata: Option<Value>,
-    #[serde(default)]
-    sampling_session_seq_id: Option<i64>,
-    #[serde(default)]
-    age_encryption_recipients: Option<Vec<String>>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn checkpoint_path(
-    run_id: &str,
-    kind: CheckpointKind,
-    name: Option<&str>,
-) -> Result<TinkerPath, ApiError> {
-    let name = name.ok_or_else(|| ApiError::bad("path", "a checkpoint name is required"))?;
-    check_name("path", name).map_err(|e| ApiError::bad("path", e))?;
-    Ok(TinkerPath {
-        run_id: run_id.to_string(),
-        kind,
-        name: name.to_string(),
-    })
-}
-
-async fn save(
-    state: Arc<State>,
-    headers: HeaderMap,
-    body: Bytes,
-    kind: CheckpointKind,
-    reply_type: &'static str,
-) -> Result<Json<Value>, ApiError> {
-    let owner = state.owner(&headers)?;
-    let req: Save = parse(&body)?;
-    let (model_id, seq_id) = (req.model_id.clone(), req.seq_id);
-    let (base_model, _) = state.run_info(&owner, &req.model_id)?;
-    let op = save_op(&state, &owner, req, &base_model, kind, reply_type);
-    let id = state.submit_train(&owner, &model_id, seq_id, op)?;
-    Ok(future(id, &model_id))
-}
-
-fn save_op(
-    state: &State,
-    owner: &str,
-    req: Save,
-    base_model: &str,
-    kind: CheckpointKind,
-    reply_type: &'static str,
-) -> Result<TrainOp, ApiError> {
-    if req
-        .age_encryption_recipients
-        .as_ref()
-        .is_some_and(|r| !r.is_empty())
-    {
-        return Err(ApiError::bad(
-            "age_encryption_recipients",
-            "age encryption of exports is not supported by whet serve; download without recipients (e.g. `tinker checkpoint download`)",
-        ));
+    #[test]
+    fn zstd_bodies_are_inflated_and_broken_ones_named() {
+        let plain = b"a ForwardBackwardRequest, repeated ".repeat(50);
+        let mut packed = Vec::new();
+        ruzstd::encoding::compress(
+            &plain[..],
+            &mut packed,
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            decompressed(&headers, Bytes::from(packed.clone())).unwrap(),
+            Bytes::from(packed.clone())
+        );
+        headers.insert(
+            axum::http::header::CONTENT_ENCODING,
+            "zstd".parse().unwrap(),
+        );
+        assert_eq!(
+            decompressed(&headers, Bytes::from(packed)).unwrap(),
+            Bytes::from(plain)
+        );
+        let err = decompressed(&headers, Bytes::from_static(b"not zstd")).unwrap_err();
+        assert_eq!(err.status, 400);
+        assert!(err.message.starts_with("body:"), "{}", err.message);
     }
-    Ok(if kind == CheckpointKind::Sampler && req.path.is_none() {
-        // save_weights_and_get_sampling_client: a snapshot sampler, nothing on disk.
-        let n = req.sampling_session_seq_id.ok_or_else(|| {
-            ApiError::bad("path", "either path or sampling_session_seq_id is required")
-        })?;
-        let session = req
-            .model_id
-            .split(":train:")
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let sampler_id = format!("{session}:sample:{n}");
-        state.add_sampler(owner, &session, &sampler_id, base_model, None)?;
-        TrainOp::Snapshot { sampler_id }
-    } else {
-        TrainOp::Save {
-            path: checkpoint_path(&req.model_id, kind, req.path.as_deref())?,
-            owner: owner.to_string(),
-            ttl_seconds: req.ttl_seconds,
-            user_metadata: req.user_metadata,
-            reply_type,
-        }
-    })
-}
 
-/// `POST /api/v1/save_weights`: a training state (`save_state`).
-pub async fn save_weights(
-    AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    save(
-        state,
-        headers,
-        body,
-        CheckpointKind::Training,
-        "save_weights",
-    )
-    .await
-}
-
-/// `POST /api/v1/save_weights_for_sampler`: a named adapter, or a snapshot sampler.
-pub async fn save_weights_for_sampler(
-    AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    save(
-        state,
-        headers,
-        body,
-        CheckpointKind::Sampler,
-        "save_weights_for_sampler",
-    )
-    .await
-}
-
-/// `POST /api/v1/save_weights_external`: a PEFT adapter to download.
-pub async fn save_weights_external(
-    AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    save(
-        state,
-        headers,
-        body,
-        CheckpointKind::External,
-        "save_weights_external",
-    )
-    .await
-}
-
-#[derive(Deserialize)]
-struct LoadWeights {
-    path: String,
-    #[serde(default)]
-    optimizer: bool,
-    #[serde(default)]
-    model_id: Option<String>,
-    #[serde(default)]
-    seq_id: Option<i64>,
-    #[serde(default)]
-    session_id: Option<String>,
-    #[serde(default)]
-    model_seq_id: Option<i64>,
-    #[serde(default)]
-    base_model: Option<String>,
-    #[serde(default)]
-    optimizer_config: Option<Value>,
-    #[serde(default)]
-    user_metadata: Option<Value>,
-}
-
-/// A training state `owner` may load: parsed, present, theirs (or the home's own).
-pub fn readable_state(state: &State, owner: &str, path: &str) -> Result<TinkerPath, ApiError> {
-    let p = TinkerPath::parse(path).map_err(|e| ApiError::bad("path", e))?;
-    if p.kind != CheckpointKind::Training {
-        return Err(ApiError::bad(
-            "path",
-            format!("{path} holds sampler weights (no optimizer state); load a tinker://…/weights/… path, or sample from it with create_sampling_client"),
-        ));
+    #[test]
+    fn the_sdk_default_lora_is_accepted_without_the_unembedding() {
+        let l = lora_config(None).unwrap();
+        assert_eq!(
+            (l.rank, l.train_unembed, l.train_mlp, l.train_attn),
+            (32, false, true, true)
+        );
+        let none = WireLora {
+            rank: 8,
+            seed: None,
+            train_unembed: true,
+            train_mlp: false,
+            train_attn: false,
+        };
+        assert!(lora_config(Some(none))
+            .unwrap_err()
+            .message
+            .contains("train_mlp"));
+        assert!(loss_fn("stable_reinforce")
+            .unwrap_err()
+            .message
+            .contains("not supported"));
+        assert!(loss_fn("ppo").is_ok());
     }
-    let record = state.checkpoints.get(&p)?;
-    if record.owner.as_deref().is_some_and(|o| o != owner) {
-        return Err(ApiError::forbidden(format!(
-            "{path} belongs to another API key"
-        )));
-    }
-    Ok(p)
-}
-
-/// `POST /api/v1/load_weights`: creates a training client from a state (session_id +
-/// model_seq_id; this load is the run's seq 0), or loads one into an existing run.
-pub async fn load_weights(
-    AxState(state): AxState<Arc<State>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let owner = state.owner(&headers)?;
-    let req: LoadWeights = parse(&body)?;
-    if let Some(model_id) = &req.model_id {
-        let (base_model, _) = state.run_info(&owner, model_id)?;
-        let op = (|| {
-            let path = readable_state(&state, &owner, &req.path)?;
-            let source = state.checkpoints.run(&path.run_id)?;
-            if base_model != source.base_model {
-                return Err(ApiError::bad(
-                    "path",
-                    format!(
-                        "{} was trained on {}, not on {base_model}",
-                        req.path, source.base_model
-                    ),
-                ));
-            }
-            Ok(TrainOp::Load {
-                dir: state.checkpoints.dir(&path),
-                path: req.path.clone(),
-                optimizer: req.optimizer,
-            })
-        })();
-        let id = state.submit_train(&owner, model_id, req.seq_id, op)?;
-        return Ok(future(id, model_id));
-    }
-    let path = readable_state(&state, &owner, &req.path)?;
-    let source = state.checkpoints.run(&path.run_id)?;
-    let dir = state.checkpoints.dir(&path);
-    let (Some(session_id), Some(model_seq_id)) = (&req.session_id, req.model_seq_id) else {
-        return Err(ApiError::bad(
-            "model_id",
-            "either model_id, or session_id and model_seq_id, is required",
-        ));
-    };
-    if let Some(b) = req.base_model.as_ref().filter(|b| **b != source.base_model) {
-        return Err(ApiError::bad(
-            "base_model",
-            format!(
-                "{} was trained on {}, not on {b}",
-                req.path, source.base_model
-            ),
-        ));
-    }
-    state.model("base_model", &source.base_model)?;
-    check_optimizer(&req.optimizer_config)?;
-    let lora = LoraConfig {
-        rank: source.lora_rank,
-        seed: None,
-        train_unembed: false,
-        train_mlp: source.train_mlp,
-        train_attn: source.train_attn,
-    };
-    let run_id = format!("{session_id}:train:{model_seq_id}");
-    state.add_run(
-        &owner,
-        session_id,
-        &run_id,
-        &source.base_model,
-        lora.clone(),
-        1,
-    )?;
-    let request_id = state.futures.create(&owner);
-    let metadata = req.user_metadata.or(source.user_metadata.clone());
-    state.send(Work::Create {
-        request_id: request_id.clone(),
-        run: run_record(&run_id, &source.base_model, &lora, &owner, metadata),
-        lora,
-        load: Some((dir, req.optimizer, req.path.clone())),
-    })?;
-    Ok(future(request_id, &run_id))
 }
