@@ -342,6 +342,44 @@ fn an_abandoned_session_expires_and_its_state_is_saved() {
         .as_str()
         .unwrap()
         .starts_with("weights/autosave-"));
+
+    // A run whose last step is saved already is not saved twice.
+    let sid = session(&s, key);
+    let model = create_model(&s, key, &sid, 0);
+    let (_, step) = optim(&s, key, &model, 1, 1e-3);
+    result(&s, key, &step);
+    save_state(&s, key, &model, 2, "kept");
+    let start = Instant::now();
+    while post(
+        &s,
+        "/api/v1/session_heartbeat",
+        key,
+        json!({"session_id": sid}),
+    )
+    .0 != 410
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the session never expired"
+        );
+        // Longer than the timeout: a heartbeat would keep the session alive.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, v) = http(
+        &s,
+        "GET",
+        &format!("/api/v1/training_runs/{model}/checkpoints"),
+        Some(key),
+        b"",
+    );
+    let ids: Vec<&str> = v["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["checkpoint_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["weights/kept"]);
 }
 
 #[test]

@@ -431,7 +431,15 @@ impl State {
         let runs = std::mem::take(&mut s.runs);
         let samplers = std::mem::take(&mut s.samplers);
         for id in &runs {
-            reg.runs.remove(id);
+            if let Some(run) = reg.runs.remove(id) {
+                for (req, _) in run.waiting.into_values() {
+                    self.futures.fail(
+                        &req,
+                        Category::User,
+                        "the session finished before this request ran",
+                    );
+                }
+            }
         }
         for id in &samplers {
             reg.samplers.remove(id);

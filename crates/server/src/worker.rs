@@ -124,8 +124,8 @@ pub enum Work {
         runs: Vec<String>,
         /// Sampler ids.
         samplers: Vec<String>,
-        /// The session expired (no heartbeat): each run's state is saved first, as
-        /// `weights/autosave-<unix time>` owned by `(run id, owner)`'s owner.
+        /// The session expired (no heartbeat): each run trained since its last saved state is
+        /// saved first, as `weights/autosave-<unix time>` owned by `(run id, owner)`'s owner.
         autosave: Vec<(String, String)>,
     },
 }
@@ -145,6 +145,8 @@ struct Worker {
     runs: HashMap<String, Box<dyn TrainingClient>>,
     samplers: HashMap<String, SamplerSlot>,
     exports: u64,
+    /// Runs trained since their last saved state: what an expiring session must save.
+    unsaved: std::collections::HashSet<String>,
 }
 
 /// Starts the worker thread; it ends when every sender of `rx` is gone.
@@ -161,6 +163,7 @@ pub fn spawn(
         runs: HashMap::new(),
         samplers: HashMap::new(),
         exports: 0,
+        unsaved: std::collections::HashSet::new(),
     };
     std::thread::Builder::new()
         .name("whet-worker".into())
@@ -226,6 +229,15 @@ impl Worker {
                         category: Category::User,
                     },
                     Some(tc) => {
+                        // What the step does to "trained since the last saved state".
+                        let effect = match &op {
+                            TrainOp::Optim(_) => Some(true),
+                            TrainOp::Load { .. } => Some(false),
+                            TrainOp::Save { path, .. } if path.kind == CheckpointKind::Training => {
+                                Some(false)
+                            }
+                            _ => None,
+                        };
                         let (outcome, snapshot) = train(
                             tc.as_mut(),
                             &run_id,
@@ -235,6 +247,15 @@ impl Worker {
                         );
                         if let Some((id, sampler)) = snapshot {
                             self.samplers.insert(id, SamplerSlot::Ready(sampler));
+                        }
+                        match (effect, &outcome) {
+                            (_, Outcome::Failed { .. }) | (None, _) => {}
+                            (Some(true), _) => {
+                                self.unsaved.insert(run_id.clone());
+                            }
+                            (Some(false), _) => {
+                                self.unsaved.remove(&run_id);
+                            }
                         }
                         outcome
                     }
@@ -290,6 +311,7 @@ impl Worker {
                     self.autosave(&run_id, &owner);
                 }
                 for id in runs {
+                    self.unsaved.remove(&id);
                     self.runs.remove(&id);
                 }
                 for id in samplers {
@@ -301,6 +323,10 @@ impl Worker {
 
     /// Saves an abandoned run's state, so a client that vanished loses nothing.
     fn autosave(&mut self, run_id: &str, owner: &str) {
+        // Nothing trained since its last saved state (or at all): nothing to lose.
+        if !self.unsaved.remove(run_id) {
+            return;
+        }
         let Some(tc) = self.runs.get_mut(run_id) else {
             return;
         };
