@@ -592,3 +592,104 @@ fn a_job_on_a_tinker_backend_matches_the_local_run() {
         "{err}"
     );
 }
+
+/// The platform API beside the protocol: a job trained in the home shows in the list (with
+/// search), its record, metrics and log, its live stream (ending once it has ended), the
+/// dataset it pinned, and the OpenAPI document.
+#[test]
+fn the_platform_api_shows_jobs_and_registries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let dir = common::fixture("tiny-llama");
+    let job = tmp.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"api-demo\"\nshape = \"sft\"\nmodel = {:?}\ntags = [\"apitest\"]\n[data]\n\
+             dataset = {:?}\nformat = \"datums\"\n[lora]\nrank = 2\n[schedule]\nepochs = 2\n\
+             batch_size = 3\neval_interval = 0\n",
+            dir.display().to_string(),
+            dir.join("datums.jsonl").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let record: Value = serde_json::from_str(&common::ok(&[
+        "train",
+        job.to_str().unwrap(),
+        "--home",
+        home.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let id = record["id"].as_str().unwrap();
+    let s = serve(&home, &[]);
+    let key = Some("tml-app");
+
+    assert_eq!(http(&s, "GET", "/v1/jobs", None, b"").0, 401);
+    let (status, list) = http(&s, "GET", "/v1/jobs?q=APITEST", key, b"");
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["total"], 1);
+    let row = &list["jobs"][0];
+    assert_eq!(
+        (row["id"].as_str(), row["status"].as_str()),
+        (Some(id), Some("completed"))
+    );
+    assert_eq!(row["step"], 2);
+    assert!(
+        row["dataset"].as_str().unwrap().starts_with("datums@"),
+        "{row}"
+    );
+    assert_eq!(
+        http(&s, "GET", "/v1/jobs?q=nomatch", key, b"").1["total"],
+        0
+    );
+    let (_, full) = http(&s, "GET", &format!("/v1/jobs/{id}"), key, b"");
+    assert_eq!(full["config"]["lora"]["rank"], 2);
+    assert_eq!(http(&s, "GET", "/v1/jobs/nope", key, b"").0, 404);
+    let (_, m) = http(
+        &s,
+        "GET",
+        &format!("/v1/jobs/{id}/metrics?after_step=1"),
+        key,
+        b"",
+    );
+    assert_eq!(m["rows"].as_array().unwrap().len(), 1);
+    let (_, logs) = http(&s, "GET", &format!("/v1/jobs/{id}/logs"), key, b"");
+    assert!(!logs["events"].as_array().unwrap().is_empty());
+    let (_, c) = post(&s, &format!("/v1/jobs/{id}/cancel"), "tml-app", json!({}));
+    assert_eq!(c["result"], "already completed");
+
+    // The live stream of an ended job: its log, its metrics, its status, then `end`.
+    let mut stream = TcpStream::connect(&s.addr).unwrap();
+    write!(
+        stream,
+        "GET /v1/jobs/{id}/stream HTTP/1.1\r\nHost: x\r\nX-API-Key: tml-app\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    assert!(text.contains("text/event-stream"), "{text}");
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "metrics").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&"log") && kinds.contains(&"status"),
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last(), Some(&"end"));
+
+    let (_, ds) = http(&s, "GET", "/v1/datasets", key, b"");
+    assert_eq!(ds["items"].as_array().unwrap().len(), 1, "{ds}");
+    let (_, doc) = http(&s, "GET", "/v1/openapi.json", key, b"");
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/v1/jobs/{id}/stream"]["get"].is_object());
+}

@@ -11,12 +11,14 @@
 //! - [`session`]: client config, sessions, heartbeats, `retrieve_future`;
 //! - [`worker`]: the thread that runs the work;
 //! - [`training`], [`weights`], [`sampling`], [`rest`]: the endpoints; [`proto`]: the protobuf messages;
+//! - [`platform`]: the platform's JSON API (jobs, registries, live streams) beside the protocol;
 //! - [`error`]: the HTTP mapping of every failure.
 
 pub mod archive;
 pub mod client;
 pub mod error;
 pub mod futures;
+pub mod platform;
 pub mod proto;
 pub mod rest;
 pub mod sampling;
@@ -158,6 +160,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/api/v1/files/{token}/{file}", get(rest::download))
         .route("/api/v1/sessions", get(rest::sessions))
         .route("/api/v1/sessions/{session_id}", get(rest::session))
+        .merge(platform::routes())
         .fallback(rest::not_found)
         .with_state(state)
 }

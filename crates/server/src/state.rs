@@ -79,6 +79,8 @@ pub struct State {
     pub futures: Futures,
     /// The home's checkpoints.
     pub checkpoints: Checkpoints,
+    /// The home (jobs and registries for the platform API).
+    pub home: whet_jobs::Home,
     /// Download tokens of external weights: token → (checkpoint dir, expiry).
     pub downloads: Mutex<HashMap<String, (std::path::PathBuf, Instant)>>,
     instance: String,
@@ -106,6 +108,7 @@ impl State {
             config,
             futures,
             checkpoints,
+            home: home.clone(),
             downloads: Mutex::new(HashMap::new()),
             instance,
             registry: Mutex::new(Registry::default()),
