@@ -82,7 +82,7 @@ def main() -> None:
         "last_loss": loss,
     }))
     if hasattr(sc, "close"):
-        sc.close()
+        sc.close("success")
 
 
 if __name__ == "__main__":
