@@ -29,7 +29,9 @@ pub struct Args {
     listen: SocketAddr,
     /// A model to serve, `NAME=M`: clients ask for NAME (`base_model`, e.g. a Hugging Face id
     /// the cookbook knows), M is a model directory, .gguf file or cached hub id. Repeatable.
-    /// Default: the SmolLM2 file of tools/get-smollm2.sh, as HuggingFaceTB/SmolLM2-135M-Instruct.
+    /// Default: every model published in the home (`name@version` and `name@alias`: its base
+    /// with its adapter merged, to sample from or train new adapters on) and the SmolLM2 file
+    /// of tools/get-smollm2.sh, as HuggingFaceTB/SmolLM2-135M-Instruct.
     #[arg(long = "model", value_name = "NAME=M")]
     models: Vec<String>,
     /// Number format of the base projections: f32 or bf16.
@@ -49,8 +51,16 @@ pub struct Args {
     json: bool,
 }
 
-/// Served name → (model spec, has a tokenizer).
-type Specs = HashMap<String, (String, bool)>;
+/// What a served name stands for: a base model, with a published model's adapter merged in
+/// (`name@version`), and whether a tokenizer comes with it.
+struct Spec {
+    base: String,
+    adapter: Option<PathBuf>,
+    tokenizer: bool,
+}
+
+/// Served name → what it stands for.
+type Specs = HashMap<String, Spec>;
 
 /// The engine as the server's host: each base model loaded once, on first use, and shared by
 /// every adapter and sampler on it.
@@ -67,11 +77,32 @@ fn engine_err(e: impl std::fmt::Display) -> ContractError {
 impl EngineHost {
     fn get(&mut self, name: &str) -> Result<&Loaded, ContractError> {
         if !self.loaded.contains_key(name) {
-            let (spec, with_tokenizer) = self.specs.get(name).ok_or_else(|| {
+            let spec = self.specs.get(name).ok_or_else(|| {
                 ContractError::invalid("base_model", format!("unknown model {name:?}"))
             })?;
-            let loaded = common::load(spec, self.precision, *with_tokenizer)
+            let mut loaded = common::load(&spec.base, self.precision, spec.tokenizer)
                 .map_err(|e| engine_err(format!("{e:#}")))?;
+            if let Some(dir) = &spec.adapter {
+                // A published model is its base with its adapter folded in: new adapters
+                // train on top of it.
+                let adapter =
+                    common::load_adapter(&loaded, dir).map_err(|e| engine_err(format!("{e:#}")))?;
+                let tensors = whet_engine::merge::merged_tensors(&loaded.model, Some(&adapter))
+                    .map_err(engine_err)?
+                    .into_iter()
+                    .collect();
+                let weights = whet_engine::loader::LoadedWeights {
+                    config: loaded.model.config.clone(),
+                    tensors,
+                };
+                let model = whet_engine::Model::from_weights_in(
+                    weights,
+                    loaded.model.device(),
+                    self.precision,
+                )
+                .map_err(engine_err)?;
+                loaded.model = std::sync::Arc::new(model);
+            }
             self.loaded.insert(name.to_string(), loaded);
         }
         Ok(&self.loaded[name])
@@ -172,7 +203,7 @@ fn tokenizer_dir(home: &whet_jobs::Home, name: &str, spec: &str) -> Result<PathB
     Ok(dir)
 }
 
-/// The served models from `--model` flags (or the default one).
+/// The served models from `--model` flags (or the home's published ones and the default).
 fn served(args: &Args, home: &whet_jobs::Home) -> Result<(Vec<ServedModel>, Specs)> {
     let mut pairs = Vec::new();
     for m in &args.models {
@@ -184,7 +215,21 @@ fn served(args: &Args, home: &whet_jobs::Home) -> Result<(Vec<ServedModel>, Spec
         }
         pairs.push((name.to_string(), spec.to_string()));
     }
+    let store = whet_jobs::Store::open(&home.db())?;
     if pairs.is_empty() {
+        // The models known to the home: every published version and alias.
+        for doc in store.registry_list("model", None)? {
+            let (Some(name), Some(version)) = (doc["name"].as_str(), doc["version"].as_str())
+            else {
+                continue;
+            };
+            pairs.push((format!("{name}@{version}"), format!("{name}@{version}")));
+            for (alias, v) in store.aliases("model", name)? {
+                if v == version {
+                    pairs.push((format!("{name}@{alias}"), format!("{name}@{version}")));
+                }
+            }
+        }
         let (name, file) = DEFAULT_MODEL;
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../..")
@@ -192,14 +237,22 @@ fn served(args: &Args, home: &whet_jobs::Home) -> Result<(Vec<ServedModel>, Spec
         let path = [PathBuf::from(file), root]
             .into_iter()
             .find(|p| p.is_file());
-        let Some(path) = path else {
-            bail!("no --model given and the default model is missing: run tools/get-smollm2.sh, or pass --model NAME=M");
-        };
-        pairs.push((name.to_string(), path.display().to_string()));
+        match path {
+            Some(path) => pairs.push((name.to_string(), path.display().to_string())),
+            None if pairs.is_empty() => bail!("no --model given, no model published in {}, and the default model is missing: run tools/get-smollm2.sh, or pass --model NAME=M", home.root().display()),
+            None => {}
+        }
     }
     let mut models = Vec::new();
     let mut specs = HashMap::new();
     for (name, spec) in pairs {
+        // `name@version` / `name@alias` of the models registry: its base and its adapter.
+        let (spec, adapter) = match whet_jobs::models::resolve(home, &store, &spec)
+            .with_context(|| format!("--model {name}={spec}"))?
+        {
+            Some(r) => (r.base_model, Some(r.adapter)),
+            None => (spec, None),
+        };
         let source = whet_engine::ModelSource::resolve(&spec)
             .with_context(|| format!("--model {name}={spec}"))?;
         let config = whet_engine::loader::load_config(&source)
@@ -218,8 +271,15 @@ fn served(args: &Args, home: &whet_jobs::Home) -> Result<(Vec<ServedModel>, Spec
                 }
             },
         });
-        let has_tokenizer = models.last().is_some_and(|m| m.tokenizer_dir.is_some());
-        specs.insert(name, (spec, has_tokenizer));
+        let tokenizer = models.last().is_some_and(|m| m.tokenizer_dir.is_some());
+        specs.insert(
+            name,
+            Spec {
+                base: spec,
+                adapter,
+                tokenizer,
+            },
+        );
     }
     Ok((models, specs))
 }

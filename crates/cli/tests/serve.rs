@@ -30,6 +30,11 @@ impl Drop for Server {
 
 fn serve(home: &std::path::Path, extra: &[&str]) -> Server {
     let model = format!("{MODEL}={}", common::fixture("tiny-llama").display());
+    serve_models(home, &["--model", &model], extra)
+}
+
+/// `whet serve` with these `--model` flags (none: the home's published models).
+fn serve_models(home: &std::path::Path, models: &[&str], extra: &[&str]) -> Server {
     let listen = if extra.contains(&"--listen") {
         vec![]
     } else {
@@ -41,11 +46,10 @@ fn serve(home: &std::path::Path, extra: &[&str]) -> Server {
         "--json",
         "--poll-hold-secs",
         "2",
-        "--model",
-        &model,
         "--home",
         home.to_str().unwrap(),
     ]);
+    args.extend_from_slice(models);
     args.extend_from_slice(extra);
     let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
         .args(&args)
@@ -692,4 +696,159 @@ fn the_platform_api_shows_jobs_and_registries() {
     let (_, doc) = http(&s, "GET", "/v1/openapi.json", key, b"");
     assert_eq!(doc["openapi"], "3.1.0");
     assert!(doc["paths"]["/v1/jobs/{id}/stream"]["get"].is_object());
+}
+
+/// The home's published models are served without `--model` (`name@version` and
+/// `name@alias`): their base with their adapter merged, so sampling gives the published
+/// model's logprobs and a new LoRA (zero at start) trains on top of it.
+#[test]
+fn published_models_are_served_to_sample_and_train_on() {
+    use whet_contract::{LossFn, LossFnConfig, SamplingClient, TrainingClient};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let h = home.to_str().unwrap();
+    let dir = common::fixture("tiny-llama");
+    let job = tmp.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"pub\"\nshape = \"sft\"\nmodel = {:?}\n[data]\ndataset = {:?}\n\
+             format = \"datums\"\n[lora]\nrank = 2\n[optimizer]\nlearning_rate = 0.01\n\
+             [schedule]\nepochs = 3\nbatch_size = 3\neval_interval = 0\n",
+            dir.display().to_string(),
+            dir.join("datums.jsonl").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let record: Value = serde_json::from_str(&common::ok(&[
+        "train",
+        job.to_str().unwrap(),
+        "--home",
+        h,
+        "--json",
+    ]))
+    .unwrap();
+    let id = record["id"].as_str().unwrap();
+    let adapter = std::path::PathBuf::from(record["artifacts"]["final_adapter"].as_str().unwrap());
+    common::ok(&[
+        "models",
+        "publish",
+        id,
+        "--name",
+        "tinypub",
+        "--version",
+        "1.0.0",
+        "--home",
+        h,
+    ]);
+    common::ok(&[
+        "models",
+        "alias",
+        "set",
+        "tinypub@1.0.0",
+        "champion",
+        "--home",
+        h,
+    ]);
+
+    let s = serve_models(&home, &[], &[]);
+    let (_, caps) = http(
+        &s,
+        "GET",
+        "/api/v1/get_server_capabilities",
+        Some("tml-x"),
+        b"",
+    );
+    let names: Vec<&str> = caps["supported_models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model_name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"tinypub@1.0.0") && names.contains(&"tinypub@champion"),
+        "{names:?}"
+    );
+
+    // The engine in process: the base with the published adapter applied.
+    let (_, base) = whet_engine::load_model(
+        dir.to_str().unwrap(),
+        &candle_core::Device::Cpu,
+        whet_engine::Precision::F32,
+    )
+    .unwrap();
+    let lora = whet_engine::load_adapter(&base, &adapter).unwrap();
+    let local = whet_engine::Sampler::new(
+        base.clone(),
+        Some(lora.sampling_weights().unwrap()),
+        whet_engine::SamplerOptions::default(),
+    );
+    let datum: whet_contract::Datum = serde_json::from_str(
+        std::fs::read_to_string(dir.join("datums.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let want = local.compute_logprobs(&datum.model_input).unwrap();
+    // The published adapter moved the model (so the comparison below can fail).
+    let plain =
+        whet_engine::Sampler::new(base.clone(), None, whet_engine::SamplerOptions::default())
+            .compute_logprobs(&datum.model_input)
+            .unwrap();
+    assert!(plain
+        .iter()
+        .zip(&want)
+        .any(|(a, b)| matches!((a, b), (Some(a), Some(b)) if (a - b).abs() > 1e-3)));
+
+    let conn =
+        whet_server::client::Connection::open(&format!("http://{}", s.addr), "tml-x").unwrap();
+    let got = conn
+        .base_sampler("tinypub@champion")
+        .unwrap()
+        .compute_logprobs(&datum.model_input)
+        .unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        match (g, w) {
+            (Some(g), Some(w)) => assert!((g - w).abs() < 1e-4, "{got:?} vs {want:?}"),
+            (None, None) => {}
+            _ => panic!("{got:?} vs {want:?}"),
+        }
+    }
+    // A new adapter on the published model starts from it: its logprobs are the same.
+    let cfg = whet_contract::LoraConfig {
+        rank: 2,
+        train_unembed: false,
+        ..Default::default()
+    };
+    let mut tc = conn.training_client("tinypub@1.0.0", &cfg).unwrap();
+    let mut ce = datum.clone();
+    ce.loss_fn_inputs
+        .retain(|k, _| k == "target_tokens" || k == "weights");
+    let ce_local = ce.clone();
+    let out = tc
+        .forward(&[ce], LossFn::CrossEntropy, &LossFnConfig::new())
+        .unwrap();
+    // In process: the base with the published adapter, on the same datum.
+    let ckpt = tmp.path().join("ckpt");
+    let mut session = whet_engine::TrainingSession::with_adapter(
+        base.clone(),
+        "tiny",
+        whet_engine::load_adapter(&base, &adapter).unwrap(),
+        &ckpt,
+        whet_engine::SamplerOptions::default(),
+    );
+    let want_lp = session
+        .forward(&[ce_local], LossFn::CrossEntropy, &LossFnConfig::new())
+        .unwrap()
+        .loss_fn_outputs[0]["logprobs"]
+        .to_f32_vec();
+    let lp = out.loss_fn_outputs[0]["logprobs"].to_f32_vec();
+    assert_eq!(lp.len(), want_lp.len());
+    for (i, (x, w)) in lp.iter().zip(&want_lp).enumerate() {
+        assert!((x - w).abs() < 1e-4, "position {i}: {x} vs {w}");
+    }
 }
