@@ -49,6 +49,39 @@ pub struct Args {
     /// Print one JSON line (`{"url", "models"}`) once listening, instead of a sentence.
     #[arg(long)]
     json: bool,
+    /// Do not run the home's queued jobs here (leave them to `whet worker`).
+    #[arg(long)]
+    no_worker: bool,
+}
+
+/// Jobs of the platform API, on the engine in this process (as `whet train` / `whet worker`).
+struct EngineJobs {
+    home: whet_jobs::Home,
+}
+
+impl whet_server::Jobs for EngineJobs {
+    fn submit(
+        &self,
+        spec: &whet_jobs::JobSpec,
+        precision: &str,
+        retry_of: Option<&str>,
+    ) -> Result<serde_json::Value, whet_jobs::JobError> {
+        let mut store = whet_jobs::Store::open(&self.home.db())?;
+        whet_jobs::runner::submit(
+            &self.home,
+            &mut store,
+            &mut crate::backend::Local::default(),
+            spec,
+            precision,
+            0,
+            retry_of,
+        )
+    }
+
+    fn run(&self, id: &str) -> Result<serde_json::Value, whet_jobs::JobError> {
+        crate::backend::run_job(&self.home, id, true)
+            .map_err(|e| whet_jobs::JobError::Backend(format!("{e:#}")))
+    }
 }
 
 /// What a served name stands for: a base model, with a published model's adapter merged in
@@ -292,6 +325,7 @@ pub fn run(args: Args) -> Result<()> {
     config.session_timeout = Duration::from_secs(args.session_timeout_secs.max(1));
     config.poll_hold = Duration::from_secs(args.poll_hold_secs);
     config.open_access = args.listen.ip().is_loopback();
+    config.run_jobs = !args.no_worker;
     if !config.open_access {
         config.keys = whet_jobs::keys::list(&home)?
             .into_iter()
@@ -333,7 +367,17 @@ pub fn run(args: Args) -> Result<()> {
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        whet_server::serve(listener, Box::new(host), config, &home, shutdown).await?;
+        let jobs: std::sync::Arc<dyn whet_server::Jobs> =
+            std::sync::Arc::new(EngineJobs { home: home.clone() });
+        whet_server::serve(
+            listener,
+            Box::new(host),
+            config,
+            &home,
+            Some(jobs),
+            shutdown,
+        )
+        .await?;
         Ok(())
     })
 }

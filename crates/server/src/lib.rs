@@ -72,6 +72,22 @@ pub trait Host: Send + 'static {
     ) -> Result<Box<dyn SamplingClient>, ContractError>;
 }
 
+/// Jobs for the platform API: submitting one checks it with the engine, running one needs
+/// the engine — both live in the binary.
+pub trait Jobs: Send + Sync + 'static {
+    /// Submits `spec` (checked, its data pinned) as a queued job; `retry_of` names the job it
+    /// retries. Returns the record.
+    fn submit(
+        &self,
+        spec: &whet_jobs::JobSpec,
+        precision: &str,
+        retry_of: Option<&str>,
+    ) -> Result<serde_json::Value, whet_jobs::JobError>;
+
+    /// Runs job `id` (already claimed) to its end; returns the record.
+    fn run(&self, id: &str) -> Result<serde_json::Value, whet_jobs::JobError>;
+}
+
 /// Settings of a server.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -87,6 +103,9 @@ pub struct Config {
     pub open_access: bool,
     /// Fingerprints of the keys made with `whet keys create` (used when not open).
     pub keys: Vec<String>,
+    /// Run the home's queued jobs here (those submitted through the platform API, or with
+    /// `whet train --detach`), one at a time.
+    pub run_jobs: bool,
 }
 
 impl Config {
@@ -99,6 +118,7 @@ impl Config {
             seq_gap_timeout: Duration::from_secs(600),
             open_access: true,
             keys: Vec::new(),
+            run_jobs: true,
         }
     }
 }
@@ -171,10 +191,12 @@ pub async fn serve(
     host: Box<dyn Host>,
     config: Config,
     home: &whet_jobs::Home,
+    jobs: Option<Arc<dyn Jobs>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = State::start(host, config, home);
+    let state = State::start(host, config, home, jobs);
     let reaper = tokio::spawn(state::reap(state.clone()));
+    let job_worker = platform::spawn_job_worker(&state);
     let app = router(state.clone());
     let result = axum::serve(
         listener,
@@ -184,5 +206,8 @@ pub async fn serve(
     .await;
     reaper.abort();
     state.stop();
+    if let Some(w) = job_worker {
+        w.stop();
+    }
     result
 }

@@ -1,6 +1,7 @@
 //! The platform's JSON API, beside the Tinker protocol on the same server and with the same
-//! keys: jobs (list with search, get, cancel, logs, metrics, and a live stream of both as
-//! server-sent events), and the registries (datasets, capabilities, models with aliases).
+//! keys: jobs (submit, list with search, get, cancel, retry, logs, metrics, and a live stream
+//! of both as server-sent events), and the registries (datasets, capabilities, models with
+//! aliases). The server runs queued jobs itself, one at a time, on a thread of its own.
 //! `GET /v1/openapi.json` describes it, generated from [`ENDPOINTS`].
 //!
 //! The home's database is opened per request on a blocking thread (SQLite in WAL mode: reads
@@ -21,6 +22,11 @@ use whet_jobs::{Cancel, Home, Store, TERMINAL};
 
 use crate::error::ApiError;
 use crate::state::State;
+
+mod run;
+
+use run::{retry, submit};
+pub use run::{spawn_job_worker, JobWorker};
 
 /// One endpoint of the API: method, path, summary (the OpenAPI document is built from these).
 pub struct Endpoint {
@@ -46,6 +52,18 @@ pub const ENDPOINTS: &[Endpoint] = &[
             ("limit", "at most this many (default 100)"),
             ("offset", "skip this many first"),
         ],
+    },
+    Endpoint {
+        method: "post",
+        path: "/v1/jobs",
+        summary: "Submits a job: body {\"config\": <job file as JSON>} or {\"toml\": <job file text>}, optional \"precision\" (f32, bf16); paths in it are taken as they are, so give absolute ones or registry references. Answers the queued record",
+        query: &[],
+    },
+    Endpoint {
+        method: "post",
+        path: "/v1/jobs/{id}/retry",
+        summary: "Submits a failed or cancelled job again, as a new job (retry_of)",
+        query: &[],
     },
     Endpoint {
         method: "get",
@@ -109,9 +127,10 @@ pub const ENDPOINTS: &[Endpoint] = &[
 /// The API's routes.
 pub fn routes() -> Router<Arc<State>> {
     Router::new()
-        .route("/v1/jobs", get(jobs))
+        .route("/v1/jobs", get(jobs).post(submit))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/retry", post(retry))
         .route("/v1/jobs/{id}/metrics", get(metrics))
         .route("/v1/jobs/{id}/logs", get(logs))
         .route("/v1/jobs/{id}/stream", get(stream))
@@ -125,7 +144,7 @@ pub fn routes() -> Router<Arc<State>> {
 }
 
 /// Runs `f` with the home's database on a blocking thread.
-async fn with_store<T: Send + 'static>(
+pub(crate) async fn with_store<T: Send + 'static>(
     state: &State,
     f: impl FnOnce(&Home, &mut Store) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {

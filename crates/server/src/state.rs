@@ -81,6 +81,8 @@ pub struct State {
     pub checkpoints: Checkpoints,
     /// The home (jobs and registries for the platform API).
     pub home: whet_jobs::Home,
+    /// Submitting and running jobs (absent: the platform API is read-only).
+    pub jobs: Option<Arc<dyn crate::Jobs>>,
     /// Download tokens of external weights: token → (checkpoint dir, expiry).
     pub downloads: Mutex<HashMap<String, (std::path::PathBuf, Instant)>>,
     instance: String,
@@ -96,7 +98,12 @@ pub fn key_fingerprint(key: &str) -> String {
 
 impl State {
     /// Starts the worker on `host` and returns the shared state.
-    pub fn start(host: Box<dyn Host>, config: Config, home: &whet_jobs::Home) -> Arc<Self> {
+    pub fn start(
+        host: Box<dyn Host>,
+        config: Config,
+        home: &whet_jobs::Home,
+        jobs: Option<Arc<dyn crate::Jobs>>,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
         let futures = Futures::default();
         let checkpoints = Checkpoints::new(home);
@@ -109,6 +116,7 @@ impl State {
             futures,
             checkpoints,
             home: home.clone(),
+            jobs,
             downloads: Mutex::new(HashMap::new()),
             instance,
             registry: Mutex::new(Registry::default()),

@@ -43,6 +43,8 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+pub mod server;
+
 pub fn smollm2() -> Option<PathBuf> {
     let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.is_file() {
