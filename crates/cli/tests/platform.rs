@@ -334,3 +334,25 @@ fn jobs_are_submitted_run_cancelled_and_retried_through_the_api() {
     let (status, _) = post(&s, &format!("/v1/jobs/{short}/retry"), "tml-a", json!({}));
     assert_eq!(status, 400, "a completed job is not retried");
 }
+
+/// The App is one embedded page at `/`, whatever the key (it asks for one itself).
+#[test]
+fn the_app_is_served_at_the_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(&tmp.path().join("home"), &[]);
+    let mut stream = std::net::TcpStream::connect(&s.addr).unwrap();
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..100.min(text.len())]
+    );
+    assert!(text.contains("text/html"));
+    assert!(text.contains("/v1/jobs") && text.contains("<title>whet</title>"));
+}

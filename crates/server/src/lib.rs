@@ -11,7 +11,8 @@
 //! - [`session`]: client config, sessions, heartbeats, `retrieve_future`;
 //! - [`worker`]: the thread that runs the work;
 //! - [`training`], [`weights`], [`sampling`], [`rest`]: the endpoints; [`proto`]: the protobuf messages;
-//! - [`platform`]: the platform's JSON API (jobs, registries, live streams) beside the protocol;
+//! - [`platform`]: the platform's JSON API (jobs, registries, live streams) beside the protocol,
+//!   and the App at `/` (`src/app/index.html`, embedded);
 //! - [`error`]: the HTTP mapping of every failure.
 
 pub mod archive;
@@ -127,6 +128,7 @@ impl Config {
 pub fn router(state: Arc<State>) -> Router {
     let ckpt = "/api/v1/training_runs/{run_id}/checkpoints/{segment}/{name}";
     Router::new()
+        .route("/", get(app))
         .route("/api/v1/healthz", get(rest::healthz))
         .route("/api/v1/client/config", post(session::client_config))
         .route(
@@ -183,6 +185,11 @@ pub fn router(state: Arc<State>) -> Router {
         .merge(platform::routes())
         .fallback(rest::not_found)
         .with_state(state)
+}
+
+/// The App: one page (jobs and the hub) on the platform API, embedded in the binary.
+async fn app() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("app/index.html"))
 }
 
 /// Serves on `listener` until `shutdown` resolves; the worker runs `host`.
