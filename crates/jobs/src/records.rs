@@ -279,13 +279,20 @@ impl Store {
 
     /// The metrics rows of job `id`, by step.
     pub fn metrics(&self, id: &str) -> Result<Vec<Value>, JobError> {
+        self.metrics_after(id, None)
+    }
+
+    /// The metrics rows of job `id` after step `after` (all with `None`), by step: a live
+    /// view reads only what is new.
+    pub fn metrics_after(&self, id: &str, after: Option<u64>) -> Result<Vec<Value>, JobError> {
+        let after = after.map(|s| s as i64).unwrap_or(-1);
         retry(|| {
             let mut stmt = self
                 .conn
-                .prepare("SELECT row FROM metrics WHERE job_id = ?1 ORDER BY step")
+                .prepare("SELECT row FROM metrics WHERE job_id = ?1 AND step > ?2 ORDER BY step")
                 .map_err(db)?;
             let rows = stmt
-                .query_map(params![id], |r| r.get::<_, String>(0))
+                .query_map(params![id, after], |r| r.get::<_, String>(0))
                 .map_err(db)?;
             rows.map(|r| r.map(|t| parse(&t)).map_err(db)).collect()
         })

@@ -299,11 +299,6 @@ struct After {
     after_step: Option<u64>,
 }
 
-fn rows_after(rows: Vec<Value>, after_step: Option<u64>) -> Vec<Value> {
-    rows.into_iter()
-        .filter(|r| after_step.is_none_or(|s| r["step"].as_u64().is_some_and(|x| x > s)))
-        .collect()
-}
 
 async fn metrics(
     AxState(state): AxState<Arc<State>>,
@@ -315,7 +310,7 @@ async fn metrics(
     with_store(&state, move |_, store| {
         store.job(&id)?;
         Ok(Json(
-            json!({"rows": rows_after(store.metrics(&id)?, a.after_step)}),
+            json!({"rows": store.metrics_after(&id, a.after_step)?}),
         ))
     })
     .await
@@ -390,7 +385,7 @@ async fn stream(
             let found = with_store(&c.state, move |_, store| {
                 let record = store.job(&id)?;
                 let logs = store.events(&id, after)?;
-                let rows = rows_after(store.metrics(&id)?, after_step);
+                let rows = store.metrics_after(&id, after_step)?;
                 Ok((record, logs, rows))
             })
             .await;
