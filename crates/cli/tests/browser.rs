@@ -341,3 +341,33 @@ fn the_app_shows_live_jobs_cancels_and_lineage_in_chromium() {
     );
     b.screenshot("job-list");
 }
+
+/// By hand, on a home with many jobs and a long one (the scale check of the App):
+/// `WHET_APP_URL=http://127.0.0.1:8300 WHET_APP_JOB=<id> cargo test -p whet --test browser -- --ignored --nocapture`
+/// prints how long the page took to draw the job list and the job's charts.
+#[test]
+#[ignore]
+fn the_app_at_scale() {
+    let (Some(binary), Ok(url), Ok(job)) = (
+        chromium(),
+        std::env::var("WHET_APP_URL"),
+        std::env::var("WHET_APP_JOB"),
+    ) else {
+        eprintln!("needs chromium, WHET_APP_URL and WHET_APP_JOB");
+        return;
+    };
+    let start = Instant::now();
+    let mut b = Browser::open(&binary, &format!("{url}/#jobs/{job}"));
+    let rows = b.wait_for("+(document.body.dataset.listRows || 0)", "the list");
+    let points = b.wait_for("+(document.body.dataset.points || 0)", "the charts");
+    let loaded = start.elapsed();
+    let list_ms = b.eval("document.body.dataset.listMs");
+    let chart_ms = b.eval("document.body.dataset.chartMs");
+    // A redraw of every chart with all points, as a live update triggers it.
+    let redraw = b.eval("(() => { const t = performance.now(); for (let i = 0; i < 10; i++) drawCharts(); return (performance.now() - t) / 10; })()");
+    eprintln!(
+        "{rows} jobs listed in {list_ms} ms; {points} points charted in {chart_ms} ms; a full redraw {redraw:.1} ms; page ready {:.1} s after chromium started",
+        loaded.as_secs_f64(),
+        redraw = redraw.as_f64().unwrap_or(f64::NAN)
+    );
+}

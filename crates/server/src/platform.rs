@@ -299,7 +299,6 @@ struct After {
     after_step: Option<u64>,
 }
 
-
 async fn metrics(
     AxState(state): AxState<Arc<State>>,
     headers: HeaderMap,
