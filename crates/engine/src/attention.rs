@@ -30,6 +30,29 @@ pub struct AttnMask {
 struct Attention {
     mask: AttnMask,
     scale: f64,
+    /// The log-sum-exp rows a CUDA forward keeps for its backward.
+    #[cfg(feature = "cuda")]
+    saved: crate::cuda::attn::Saved,
+}
+
+#[cfg(feature = "cuda")]
+impl Attention {
+    fn cuda_params(&self) -> crate::cuda::attn::Params {
+        crate::cuda::attn::Params {
+            window: self.mask.window.unwrap_or(0),
+            scale: self.scale as f32,
+        }
+    }
+
+    fn cuda_plan(
+        &self,
+        q: &[usize],
+        k: &[usize],
+        v: &[usize],
+    ) -> candle_core::Result<crate::cuda::plan::Attn> {
+        crate::cuda::plan::batched(q, k, v, self.mask.offset, &self.mask.pad)
+            .map_err(candle_core::Error::Msg)
+    }
 }
 
 impl Attention {
@@ -135,6 +158,21 @@ impl CustomOp3 for Attention {
         Ok((CpuStorage::F32(values(&o)?), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let plan = self.cuda_plan(l1.dims(), l2.dims(), l3.dims())?;
+        let p = self.cuda_params();
+        crate::cuda::attn::attn_fwd(&plan, p, &self.saved, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -143,6 +181,19 @@ impl CustomOp3 for Attention {
         out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let plan = self.cuda_plan(q.dims(), k.dims(), v.dims())?;
+            let (dq, dk, dv) = crate::cuda::attn::attn_bwd(
+                &plan,
+                self.cuda_params(),
+                &self.saved,
+                (&q.detach(), &k.detach(), &v.detach()),
+                &out.detach(),
+                &grad.detach(),
+            )?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let (dq, dk, dv) = self.backward(
             &q.detach(),
             &k.detach(),
@@ -208,6 +259,22 @@ impl CustomOp3 for PackedAttention {
         Ok((CpuStorage::F32(values(&o)?), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let plan = crate::cuda::plan::packed(l1.dims(), l2.dims(), l3.dims(), &self.lens)
+            .map_err(candle_core::Error::Msg)?;
+        let (p, saved) = (self.inner.cuda_params(), &self.inner.saved);
+        crate::cuda::attn::attn_fwd(&plan, p, saved, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -216,6 +283,20 @@ impl CustomOp3 for PackedAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let plan = crate::cuda::plan::packed(q.dims(), k.dims(), v.dims(), &self.lens)
+                .map_err(candle_core::Error::Msg)?;
+            let (dq, dk, dv) = crate::cuda::attn::attn_bwd(
+                &plan,
+                self.inner.cuda_params(),
+                &self.inner.saved,
+                (&q.detach(), &k.detach(), &v.detach()),
+                &out.detach(),
+                &grad.detach(),
+            )?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let (q, k, v, out, grad) = (
             q.detach(),
             k.detach(),
@@ -261,6 +342,8 @@ pub fn packed_attention(
                 pad: vec![],
             },
             scale: 1.0 / (d as f64).sqrt(),
+            #[cfg(feature = "cuda")]
+            saved: Default::default(),
         },
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -277,6 +360,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Result<T
     let op = Attention {
         mask,
         scale: 1.0 / (d as f64).sqrt(),
+        #[cfg(feature = "cuda")]
+        saved: Default::default(),
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     Ok(if q.track_op() || k.track_op() || v.track_op() {

@@ -50,7 +50,11 @@ pub(crate) fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 // ---------------------------------------------------------------------------------------------
 
 struct RmsNorm {
+    /// The weight's values on the host (CPU inputs only; empty on a GPU).
     w: Arc<Vec<f32>>,
+    /// The weight as given, where the device kernels read it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    wt: Tensor,
     eps: f32,
 }
 
@@ -77,7 +81,25 @@ impl CustomOp1 for RmsNorm {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::elementwise::rms_norm_fwd(s, l, &self.wt, self.eps)
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let op = crate::cuda::elementwise::RmsNormBwd {
+                w: self.wt.clone(),
+                eps: self.eps,
+            };
+            let (x, g) = (x.detach().contiguous()?, grad.detach().contiguous()?);
+            return Ok(Some(x.apply_op2_no_bwd(&g, &op)?));
+        }
         // dx_j = inv·w_j·g_j − inv³·x_j·mean_k(w_k·g_k·x_k)
         let (xv, gv) = (values(x)?, values(grad)?);
         let d = self.w.len();
@@ -103,8 +125,10 @@ impl CustomOp1 for RmsNorm {
 
 /// RMSNorm over the last dimension with a frozen weight `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let on_cpu = x.device().is_cpu();
     let op = RmsNorm {
-        w: Arc::new(values(w)?),
+        w: Arc::new(if on_cpu { values(w)? } else { vec![] }),
+        wt: w.clone(),
         eps: eps as f32,
     };
     let x = x.contiguous()?;
@@ -120,8 +144,12 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 
 struct Rope {
+    /// The tables' values on the host (CPU inputs only; empty on a GPU).
     cos: Arc<Vec<f32>>,
     sin: Arc<Vec<f32>>,
+    /// The tables as given, where the device kernels read them.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    tables: (Tensor, Tensor),
 }
 
 impl Rope {
@@ -161,7 +189,24 @@ impl CustomOp1 for Rope {
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::elementwise::rope(s, l, &self.tables.0, &self.tables.1, 1.0)
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let op = crate::cuda::elementwise::RopeBwd {
+                cos: self.tables.0.clone(),
+                sin: self.tables.1.clone(),
+            };
+            return Ok(Some(grad.detach().contiguous()?.apply_op1_no_bwd(&op)?));
+        }
         let (_, heads, d) = x.dims3()?;
         let g = self.rotate(&values(grad)?, heads, d, -1.0);
         Ok(Some(Tensor::from_vec(g, x.shape(), x.device())?))
@@ -170,9 +215,14 @@ impl CustomOp1 for Rope {
 
 /// RoPE on `x: (N, heads, D)` with `cos, sin: (N, D/2)`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let on_cpu = x.device().is_cpu();
+    let host = |t: &Tensor| -> Result<Arc<Vec<f32>>> {
+        Ok(Arc::new(if on_cpu { values(t)? } else { vec![] }))
+    };
     let op = Rope {
-        cos: Arc::new(values(cos)?),
-        sin: Arc::new(values(sin)?),
+        cos: host(cos)?,
+        sin: host(sin)?,
+        tables: (cos.contiguous()?, sin.contiguous()?),
     };
     let x = x.contiguous()?;
     Ok(if x.track_op() {
@@ -216,6 +266,17 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::elementwise::swiglu_fwd(s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         g: &Tensor,
@@ -223,6 +284,14 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if g.device().is_cuda() {
+            let (gd, ud) = (g.detach().contiguous()?, u.detach().contiguous()?);
+            let dy = grad.detach().contiguous()?;
+            // One op, two gradients: stacked as (2, …) and split here.
+            let both = gd.apply_op3_no_bwd(&ud, &dy, &crate::cuda::elementwise::SwiGluBwd)?;
+            return Ok((Some(both.get(0)?), Some(both.get(1)?)));
+        }
         // d/dg = grad·u·σ(g)·(1 + g·(1 − σ(g))), d/du = grad·silu(g)
         let (gv, uv, dy) = (values(g)?, values(u)?, values(grad)?);
         let mut dg = vec![0f32; gv.len()];

@@ -8,12 +8,14 @@
 //! - [`merge`] folds an adapter into the base weights and writes a plain HF directory.
 //!
 //! Numerics: f32 everywhere on CPU by default; with [`Precision::Bf16`] the frozen base
-//! projections compute in bf16 (see [`linear`]), everything trained stays f32.
+//! projections compute in bf16 (see [`linear`]), everything trained stays f32. With the `cuda`
+//! feature the same model runs on `Device::Cuda` through whet's own kernels ([`cuda`]).
 
 mod attention;
 pub mod batch;
 pub mod bf16;
 pub mod config;
+pub mod cuda;
 pub mod gguf_export;
 pub mod kernels;
 pub mod kv_cache;
@@ -116,6 +118,30 @@ impl From<EngineError> for ContractError {
     }
 }
 
+/// The device a user named: `cpu`, `cuda` (GPU 0) or `cuda:N`. Naming a GPU in a build
+/// without the `cuda` feature is an error that says how to get one.
+pub fn parse_device(spec: &str) -> Result<Device, EngineError> {
+    let ordinal = match spec.trim() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        s => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| EngineError::Invalid {
+                field: "device".into(),
+                message: format!("{s:?}: expected cpu, cuda or cuda:N"),
+            })?,
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(EngineError::Unsupported(format!(
+            "device {spec}: this whet was built without CUDA (build with `--features cuda`; \
+             see the README's CUDA section)"
+        )));
+    }
+    Device::new_cuda(ordinal)
+        .map_err(|e| EngineError::Unsupported(format!("device {spec}: no such CUDA device ({e})")))
+}
+
 /// Loads a base model from what a user typed (directory, `.gguf`, hub id) onto `device`.
 pub fn load_model(
     spec: &str,
@@ -154,4 +180,22 @@ pub fn load_adapter(model: &Model, dir: &Path) -> Result<LoraAdapter, EngineErro
         &model.site_shapes(),
         model.device(),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_a_cpu_build_refuses_cuda_clearly() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda0"] {
+            let e = parse_device(bad).unwrap_err().to_string();
+            assert!(e.contains("device") && e.contains("cuda:N"), "{e}");
+        }
+        if !cfg!(feature = "cuda") {
+            let e = parse_device("cuda:1").unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+    }
 }

@@ -66,6 +66,10 @@ pub enum Frozen {
     /// bf16, packed for `x·Wᵀ`; the packing for `g·W` (the input gradient) is built on the
     /// first backward pass, so a model that only samples holds one copy.
     Bf16(Arc<Bf16Weight>),
+    /// bf16 on a CUDA device, `(out, in)` as it is: cuBLAS multiplies it with bf16-rounded
+    /// inputs, f32 sums and f32 outputs, both ways (`x·Wᵀ` and `g·W`), so one copy serves both.
+    #[cfg(feature = "cuda")]
+    CudaBf16(Tensor),
 }
 
 /// The bf16 packings of one frozen matrix.
@@ -86,8 +90,13 @@ impl Frozen {
         let (n, k) = w.dims2()?;
         match precision {
             Precision::F32 => Ok(Self::F32(w)),
+            #[cfg(feature = "cuda")]
+            Precision::Bf16 if w.device().is_cuda() => {
+                Ok(Self::CudaBf16(w.to_dtype(candle_core::DType::BF16)?))
+            }
             Precision::Bf16 if !w.device().is_cpu() => Err(EngineError::Unsupported(
-                "bf16 base weights on this device (whet's bf16 kernels are CPU kernels)".into(),
+                "bf16 base weights on this device (whet's bf16 kernels are CPU and CUDA kernels)"
+                    .into(),
             )),
             Precision::Bf16 => {
                 let fwd = with_values(&w, |v| PackedBf16::pack(v, n, k))?;
@@ -104,6 +113,8 @@ impl Frozen {
         match self {
             Self::F32(w) => w.dims2().unwrap_or((0, 0)),
             Self::Bf16(p) => (p.fwd.rows(), p.fwd.cols()),
+            #[cfg(feature = "cuda")]
+            Self::CudaBf16(w) => w.dims2().unwrap_or((0, 0)),
         }
     }
 
@@ -112,6 +123,8 @@ impl Frozen {
         match self {
             Self::F32(_) => Precision::F32,
             Self::Bf16(_) => Precision::Bf16,
+            #[cfg(feature = "cuda")]
+            Self::CudaBf16(_) => Precision::Bf16,
         }
     }
 
@@ -124,6 +137,17 @@ impl Frozen {
                 self.dims(),
                 &candle_core::Device::Cpu,
             )?),
+            #[cfg(feature = "cuda")]
+            Self::CudaBf16(w) => Ok(w.to_dtype(candle_core::DType::F32)?),
+        }
+    }
+
+    /// The weight where the CUDA kernels read it (f32 or bf16 on the device).
+    #[cfg(feature = "cuda")]
+    fn cuda_weight(&self) -> candle_core::Result<&Tensor> {
+        match self {
+            Self::F32(w) | Self::CudaBf16(w) => Ok(w),
+            Self::Bf16(_) => candle_core::bail!("a CPU-packed bf16 weight was given CUDA inputs"),
         }
     }
 
@@ -139,6 +163,10 @@ impl Frozen {
                 (ids.len(), p.fwd.cols()),
                 &candle_core::Device::Cpu,
             )?),
+            #[cfg(feature = "cuda")]
+            Self::CudaBf16(w) => Ok(w
+                .index_select(&Tensor::new(ids, w.device())?, 0)?
+                .to_dtype(candle_core::DType::F32)?),
         }
     }
 
@@ -155,6 +183,8 @@ impl Frozen {
                 values(&y)
             }
             Self::Bf16(p) => Ok(p.fwd.matmul_xwt(x, m)),
+            #[cfg(feature = "cuda")]
+            Self::CudaBf16(_) => candle_core::bail!("a CUDA weight was given CPU inputs"),
         }
     }
 
@@ -168,13 +198,19 @@ impl Frozen {
                 let dx = with_values(g, |g| bwd.matmul_xwt(g, m))?;
                 Tensor::from_vec(dx, (m, bwd.rows()), g.device())
             }
+            #[cfg(feature = "cuda")]
+            Self::CudaBf16(w) => crate::cuda::gemm::input_grad(g, w),
         }
     }
 }
 
 struct LinearOp {
     w: Frozen,
+    /// The bias on the host (CPU inputs only).
     bias: Option<Vec<f32>>,
+    /// The bias as given, where the CUDA kernels read it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    bias_t: Option<Tensor>,
     scale: f64,
 }
 
@@ -200,6 +236,16 @@ impl CustomOp1 for LinearOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (y, m) = self.base(s, l)?;
         Ok((CpuStorage::F32(y), (m, self.w.dims().0).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let w = self.w.cuda_weight()?;
+        crate::cuda::gemm::linear_fwd(s, l, w, self.bias_t.as_ref(), None)
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -228,6 +274,21 @@ impl CustomOp3 for LinearOp {
         Ok((CpuStorage::F32(y), (m, self.w.dims().0).into()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let w = self.w.cuda_weight()?;
+        let lora = Some((s2, l2, s3, l3, self.scale));
+        crate::cuda::gemm::linear_fwd(s1, l1, w, self.bias_t.as_ref(), lora)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -254,9 +315,11 @@ pub fn linear(
     lora: Option<(&Tensor, &Tensor, f64)>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
+    let on_cpu = x.device().is_cpu();
     let mut op = LinearOp {
         w: w.clone(),
-        bias: bias.map(values).transpose()?,
+        bias: bias.filter(|_| on_cpu).map(values).transpose()?,
+        bias_t: bias.map(Tensor::contiguous).transpose()?,
         scale: 0.0,
     };
     Ok(match lora {

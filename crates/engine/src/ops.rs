@@ -153,6 +153,15 @@ impl CustomOp1 for TargetLogprobs {
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::xent::target_logprobs(s, l, &self.targets)
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,
@@ -196,6 +205,15 @@ impl CustomOp1 for TargetLogprobsGrad {
             o[self.targets[i] as usize] += g;
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::xent::target_logprobs_grad(s, l, &self.targets, &self.grad)
     }
 }
 

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# whet vs PyTorch + PEFT on one NVIDIA GPU, side by side in one run: LoRA SFT (rank 16 on all
+# seven projections, sequence length 2048, bf16 base weights) on a Llama-3.2-1B-shaped and a
+# Qwen3-1.7B-shaped model with random weights — trained tokens/s, MFU, peak GPU memory — and
+# sampling new tokens/s. Writes benches/gpu/results.json and prints a table.
+#
+# NOT RUN YET: written on a machine without a GPU; nothing here has been measured. On the GPU
+# machine (driver ≥ 580, CUDA 13 runtime libraries, Python with torch + transformers + peft):
+#
+#   ./tools/get-cuda.sh && . .cuda/env.sh            # the build (see the README's CUDA section)
+#   cargo build --release -p whet-gpu-bench --features cuda
+#   pip install -r benches/gpu/requirements.txt
+#   benches/gpu/run.sh [--peak-tflops 989] [--batch 4] [--steps 10]
+#
+# MFU = trained tokens/s × model FLOPs per token / the GPU's peak dense bf16 FLOP/s (989 TFLOP/s
+# for an H100 or H200 SXM; --peak-tflops for others). FLOPs per token are whet-gpu-bench's
+# count (forward and input gradient of every frozen matrix, the adapters, causal attention),
+# the same figure for both sides.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+work=${WHET_GPU_BENCH_DIR:-/tmp/whet-gpu-bench}
+peak_tflops=989
+batch=4
+steps=10
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --peak-tflops) peak_tflops=$2; shift 2 ;;
+    --batch) batch=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    *) echo "usage: $0 [--peak-tflops T] [--batch B] [--steps S]" >&2; exit 2 ;;
+  esac
+done
+bin="${CARGO_TARGET_DIR:-$root/target}/release/whet-gpu-bench"
+[[ -x "$bin" ]] || { echo "$bin missing: cargo build --release -p whet-gpu-bench --features cuda" >&2; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+python3 "$here/make_models.py" --out "$work"
+results="$here/results.json"
+: > "$work/lines.jsonl"
+run() { # tag, command...: one JSON object (the command's last line + its peak) per run
+  local tag=$1; shift
+  echo "== $tag" >&2
+  python3 "$here/gpu_peak.py" -- "$@" | python3 -c '
+import json, sys
+lines = [json.loads(l) for l in sys.stdin if l.startswith("{")]
+out = {"run": sys.argv[1]}
+for l in lines: out.update(l)
+print(json.dumps(out))' "$tag" | tee -a "$work/lines.jsonl"
+}
+for model in llama-3.2-1b qwen3-1.7b; do
+  m="$work/$model"
+  run "$model sft whet" "$bin" sft --model "$m" --data "$work/datums.jsonl" --batch "$batch" --steps "$steps"
+  run "$model sft torch" python3 "$here/torch_gpu.py" sft --model "$m" --data "$work/datums.jsonl" --batch "$batch" --steps "$steps"
+  run "$model sample whet" "$bin" sample --model "$m" --prompts "$work/prompts.jsonl"
+  run "$model sample torch" python3 "$here/torch_gpu.py" sample --model "$m" --prompts "$work/prompts.jsonl"
+done
+python3 - "$work/lines.jsonl" "$results" "$peak_tflops" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+peak = float(sys.argv[3]) * 1e12
+by = {r["run"]: r for r in rows}
+table = []
+for model in ["llama-3.2-1b", "qwen3-1.7b"]:
+    w, t = by[f"{model} sft whet"], by[f"{model} sft torch"]
+    for r in (w, t):
+        r["mfu"] = r["trained_tokens_per_s"] * w["flops_per_token"] / peak
+    sw, st = by[f"{model} sample whet"], by[f"{model} sample torch"]
+    table.append(f"| {model} | {w['trained_tokens_per_s']:.0f} / {t['trained_tokens_per_s']:.0f} "
+                 f"({w['trained_tokens_per_s'] / t['trained_tokens_per_s']:.2f}x) | "
+                 f"{100 * w['mfu']:.1f}% / {100 * t['mfu']:.1f}% | "
+                 f"{w['peak_gpu_bytes'] / 2**30:.1f} / {t['peak_gpu_bytes'] / 2**30:.1f} GiB | "
+                 f"{sw['new_tokens_per_s']:.0f} / {st['new_tokens_per_s']:.0f} |")
+json.dump(rows, open(sys.argv[2], "w"), indent=1)
+print("| model | SFT tokens/s whet / torch | MFU whet / torch | peak GPU memory whet / torch | sampling tokens/s whet / torch |")
+print("|---|---|---|---|---|")
+print("\n".join(table))
+PY
