@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -49,6 +49,32 @@ impl ModelArgs {
     }
 }
 
+/// `--device cpu|cuda[:N]`: where the commands that run a model put it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// Where the model runs: cpu (the default), cuda (GPU 0) or cuda:N. A GPU needs a build
+    /// with `--features cuda` (see the README's CUDA section).
+    #[arg(long, default_value = "cpu", global = true)]
+    pub device: String,
+}
+
+/// The device every model of this process loads onto (set once, by [`DeviceArgs::select`]).
+static DEVICE: OnceLock<Device> = OnceLock::new();
+
+impl DeviceArgs {
+    /// Opens the device (an error names it: unknown, absent, or a CPU-only build) and makes it
+    /// the one [`load`] puts models on.
+    pub fn select(&self) -> Result<()> {
+        let device = whet_engine::parse_device(&self.device)?;
+        if !device.is_cpu() {
+            tracing::info!("models run on {}", self.device);
+        }
+        // A second selection (a command calling another) keeps the first.
+        let _ = DEVICE.set(device);
+        Ok(())
+    }
+}
+
 /// A base model ready to use, with its tokenizer.
 pub struct Loaded {
     /// What the user typed.
@@ -83,7 +109,8 @@ pub fn load(spec: &str, precision: Precision, with_tokenizer: bool) -> Result<Lo
         None
     };
     let started = std::time::Instant::now();
-    let (source, model) = whet_engine::load_model(spec, &Device::Cpu, precision)?;
+    let device = DEVICE.get().cloned().unwrap_or(Device::Cpu);
+    let (source, model) = whet_engine::load_model(spec, &device, precision)?;
     tracing::info!(
         "loaded {spec} ({:?}, {} layers, {precision}) in {:.1}s",
         model.config.architecture,
@@ -165,5 +192,25 @@ impl HomeArgs {
         let home = whet_jobs::Home::resolve(self.home.clone())?;
         let store = whet_jobs::Store::open(&home.db())?;
         Ok((home, store))
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::DeviceArgs;
+
+    #[test]
+    fn device_flag_refuses_what_this_build_cannot_open() {
+        let sel = |d: &str| DeviceArgs { device: d.into() }.select();
+        assert!(sel("cpu").is_ok());
+        let e = sel("tpu").unwrap_err().to_string();
+        assert!(e.contains("tpu") && e.contains("cuda:N"), "{e}");
+        if !cfg!(feature = "cuda") {
+            let e = sel("cuda").unwrap_err().to_string();
+            assert!(
+                e.contains("without CUDA") && e.contains("--features cuda"),
+                "{e}"
+            );
+        }
     }
 }

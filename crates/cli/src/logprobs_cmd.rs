@@ -14,6 +14,8 @@ use crate::common;
 pub struct Args {
     #[command(flatten)]
     m: common::ModelArgs,
+    #[command(flatten)]
+    dev: common::DeviceArgs,
     /// Tinker datums, one JSON object per line.
     #[arg(long)]
     data: PathBuf,
@@ -27,6 +29,7 @@ const CHUNK: usize = 16;
 
 /// Prints `{"logprobs": [...], "loss": −Σ weights·lp}` per datum, in order.
 pub fn run(mut a: Args) -> Result<()> {
+    a.dev.select()?;
     let data = whet_data::read_datums_jsonl(&a.data)?;
     a.m = a.m.resolve_published()?;
     let loaded = common::load(&a.m.model, a.m.precision, false)?;

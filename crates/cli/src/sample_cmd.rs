@@ -12,6 +12,8 @@ use crate::common;
 pub struct Args {
     #[command(flatten)]
     m: common::ModelArgs,
+    #[command(flatten)]
+    dev: common::DeviceArgs,
     /// The user message (rendered as one user turn).
     #[arg(
         long,
@@ -82,6 +84,7 @@ fn messages(a: &Args) -> Result<Vec<Value>> {
 
 /// Samples and prints the completions.
 pub fn run(mut a: Args) -> Result<()> {
+    a.dev.select()?;
     let msgs = messages(&a)?;
     a.m = a.m.resolve_published()?;
     let loaded = common::load(&a.m.model, a.m.precision, true)?;

@@ -37,6 +37,8 @@ pub struct Args {
     /// Number format of the base projections: f32 or bf16.
     #[arg(long, default_value = "f32")]
     precision: Precision,
+    #[command(flatten)]
+    dev: common::DeviceArgs,
     /// whet's home: checkpoints, keys, tokenizers (default: $WHET_HOME, else ~/.whet).
     #[arg(long, env = "WHET_HOME")]
     home: Option<PathBuf>,
@@ -319,6 +321,7 @@ fn served(args: &Args, home: &whet_jobs::Home) -> Result<(Vec<ServedModel>, Spec
 
 /// Runs `whet serve` until Ctrl-C.
 pub fn run(args: Args) -> Result<()> {
+    args.dev.select()?;
     let home = whet_jobs::Home::resolve(args.home.clone())?;
     let (models, specs) = served(&args, &home)?;
     let mut config = whet_server::Config::new(models.clone());

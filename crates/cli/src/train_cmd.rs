@@ -28,6 +28,8 @@ pub struct Args {
     detach: bool,
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    dev: crate::common::DeviceArgs,
 }
 
 /// Flags shared by the commands that run jobs.
@@ -51,6 +53,7 @@ pub struct RunArgs {
 
 /// Submits and runs (or queues) the job.
 pub fn run(a: Args) -> Result<()> {
+    a.dev.select()?;
     let spec = match (&a.job, &a.flags) {
         (Some(file), _) => JobSpec::from_file(file)?,
         (None, Some(Flags::Sft(f))) => f.clone().spec()?,
