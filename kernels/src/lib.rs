@@ -6,7 +6,9 @@
 //! Every kernel is f32 in, f32 out (the numerics policy: norms, RoPE, SwiGLU, attention and the
 //! loss stay f32; only the frozen base products run in bf16, through cuBLAS), row-major and
 //! contiguous. Each has a CPU reference in `whet-engine` (the op whose `cuda_fwd` launches it),
-//! and `crates/engine/tests/cuda.rs` holds each to it on a GPU.
+//! and `crates/engine/tests/cuda.rs` holds each to it on a GPU. Without one,
+//! `tests/emulate.rs` runs the kernel sources on the CPU under a small CUDA emulation against
+//! double-precision references, and `tests/ptxas.rs` assembles the PTX for sm_90.
 
 pub mod geometry;
 pub mod tiles;

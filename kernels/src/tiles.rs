@@ -58,3 +58,24 @@ pub const ATTN_TILES: [AttnTiles; 3] = [
         dkv_rows: 1,
     },
 ];
+
+/// The table as C preprocessor constants (`WHET_ATTN_WARPS`, and `WHET_D128_FWD_BK` … per
+/// class): `whet_tiles.h`, which `build.rs` writes for nvcc (and the emulation tests for g++).
+pub fn tiles_header() -> String {
+    let mut h = String::from("// Generated from kernels/src/tiles.rs.\n#pragma once\n");
+    h += &format!("#define WHET_ATTN_WARPS {ATTN_WARPS}\n");
+    for t in ATTN_TILES {
+        let d = 32 * t.dpl;
+        for (name, v) in [
+            ("FWD_BK", t.fwd_keys),
+            ("FWD_RPW", t.fwd_rows),
+            ("DQ_BK", t.dq_keys),
+            ("DQ_RPW", t.dq_rows),
+            ("DKV_BQ", t.dkv_queries),
+            ("DKV_RPW", t.dkv_rows),
+        ] {
+            h += &format!("#define WHET_D{d}_{name} {v}\n");
+        }
+    }
+    h
+}
