@@ -343,9 +343,12 @@ struct Fixture {
 
 /// The fixture `name` with its model on `dev` at `precision`.
 fn fixture_on(name: &str, dev: &Device, precision: Precision) -> Fixture {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name);
+    // WHET_FIXTURES: where a test binary built elsewhere finds the fixtures (the build's path
+    // is baked in; benches/gpu/device-check.sh runs one on a machine without a toolchain).
+    let root = std::env::var_os("WHET_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"));
+    let dir = root.join(name);
     let model = load_model(dir.to_str().unwrap(), dev, precision).unwrap().1;
     let datums = std::fs::read_to_string(dir.join("datums.jsonl"))
         .unwrap()
