@@ -138,8 +138,17 @@ pub fn parse_device(spec: &str) -> Result<Device, EngineError> {
              see the README's CUDA section)"
         )));
     }
-    Device::new_cuda(ordinal)
-        .map_err(|e| EngineError::Unsupported(format!("device {spec}: no such CUDA device ({e})")))
+    Device::new_cuda(ordinal).map_err(|e| {
+        // candle appends a backtrace when RUST_BACKTRACE is set: keep the error's first line.
+        let e = e.to_string();
+        let e = e.lines().next().unwrap_or_default();
+        let why = if e.contains("STUB_LIBRARY") {
+            "no NVIDIA driver: libcuda.so.1 is the link stub of tools/get-cuda.sh".to_string()
+        } else {
+            e.to_string()
+        };
+        EngineError::Unsupported(format!("device {spec}: no such CUDA device ({why})"))
+    })
 }
 
 /// Loads a base model from what a user typed (directory, `.gguf`, hub id) onto `device`.
