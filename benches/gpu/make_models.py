@@ -12,6 +12,9 @@ Data: `datums.jsonl`, 64 Tinker datums of --seq-len random tokens (every positio
 No tokenizer is needed: both sides take token ids.
 
   python3 make_models.py --out /tmp/whet-gpu-bench [--seq-len 2048] [--prompts 32]
+
+--tiny makes the same two architectures at toy sizes (2 layers, hidden 64, vocab 1000; the
+config keys unchanged) to smoke-test the pipeline on a CPU.
 """
 
 import argparse
@@ -44,12 +47,18 @@ def main():
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
+    shapes = SHAPES
+    if args.tiny:
+        small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1000)
+        shapes = {k: {**v, **small} for k, v in SHAPES.items()}
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    for name, cfg in SHAPES.items():
+    for name, cfg in shapes.items():
         d = os.path.join(args.out, name)
         if os.path.exists(os.path.join(d, "model.safetensors")):
             continue
@@ -62,7 +71,7 @@ def main():
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in {d}")
 
     rng = random.Random(0)
-    vocab = min(c["vocab_size"] for c in SHAPES.values())
+    vocab = min(c["vocab_size"] for c in shapes.values())
     with open(os.path.join(args.out, "datums.jsonl"), "w") as f:
         for _ in range(args.rows):
             toks = [rng.randrange(vocab) for _ in range(args.seq_len + 1)]

@@ -38,10 +38,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 "$here/make_models.py" --out "$work"
 results="$here/results.json"
 : > "$work/lines.jsonl"
-run() { # tag, command...: one JSON object (the command's last line + its peak) per run
+run() { # tag, command...: one JSON object (the command's JSON lines + its peak) per run; a
+  # command that fails is recorded as failed and the others still run.
   local tag=$1; shift
   echo "== $tag" >&2
-  python3 "$here/gpu_peak.py" -- "$@" | python3 -c '
+  { python3 "$here/gpu_peak.py" -- "$@" || echo '{"failed": true}'; } | python3 -c '
 import json, sys
 lines = [json.loads(l) for l in sys.stdin if l.startswith("{")]
 out = {"run": sys.argv[1]}
@@ -61,16 +62,24 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 peak = float(sys.argv[3]) * 1e12
 by = {r["run"]: r for r in rows}
 table = []
+def num(r, key, fmt, scale=1.0):
+    return fmt.format(r[key] * scale) if key in r and not r.get("failed") else "failed"
+
 for model in ["llama-3.2-1b", "qwen3-1.7b"]:
     w, t = by[f"{model} sft whet"], by[f"{model} sft torch"]
+    flops = w.get("flops_per_token")
     for r in (w, t):
-        r["mfu"] = r["trained_tokens_per_s"] * w["flops_per_token"] / peak
+        if flops and "trained_tokens_per_s" in r:
+            r["mfu"] = r["trained_tokens_per_s"] * flops / peak
     sw, st = by[f"{model} sample whet"], by[f"{model} sample torch"]
-    table.append(f"| {model} | {w['trained_tokens_per_s']:.0f} / {t['trained_tokens_per_s']:.0f} "
-                 f"({w['trained_tokens_per_s'] / t['trained_tokens_per_s']:.2f}x) | "
-                 f"{100 * w['mfu']:.1f}% / {100 * t['mfu']:.1f}% | "
-                 f"{w['peak_gpu_bytes'] / 2**30:.1f} / {t['peak_gpu_bytes'] / 2**30:.1f} GiB | "
-                 f"{sw['new_tokens_per_s']:.0f} / {st['new_tokens_per_s']:.0f} |")
+    ratio = (f" ({w['trained_tokens_per_s'] / t['trained_tokens_per_s']:.2f}x)"
+             if "trained_tokens_per_s" in w and "trained_tokens_per_s" in t else "")
+    table.append(f"| {model} | {num(w, 'trained_tokens_per_s', '{:.0f}')} / "
+                 f"{num(t, 'trained_tokens_per_s', '{:.0f}')}{ratio} | "
+                 f"{num(w, 'mfu', '{:.1f}%', 100)} / {num(t, 'mfu', '{:.1f}%', 100)} | "
+                 f"{num(w, 'peak_gpu_bytes', '{:.1f}', 2**-30)} / "
+                 f"{num(t, 'peak_gpu_bytes', '{:.1f}', 2**-30)} GiB | "
+                 f"{num(sw, 'new_tokens_per_s', '{:.0f}')} / {num(st, 'new_tokens_per_s', '{:.0f}')} |")
 json.dump(rows, open(sys.argv[2], "w"), indent=1)
 print("| model | SFT tokens/s whet / torch | MFU whet / torch | peak GPU memory whet / torch | sampling tokens/s whet / torch |")
 print("|---|---|---|---|---|")
