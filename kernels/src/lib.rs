@@ -11,6 +11,7 @@
 //! double-precision references, and `tests/ptxas.rs` assembles the PTX for sm_90.
 
 pub mod geometry;
+pub mod plan;
 pub mod tiles;
 
 /// One PTX module: a `cuda/*.cu` file and the kernels it exports.

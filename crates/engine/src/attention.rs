@@ -49,8 +49,8 @@ impl Attention {
         q: &[usize],
         k: &[usize],
         v: &[usize],
-    ) -> candle_core::Result<crate::cuda::plan::Attn> {
-        crate::cuda::plan::batched(q, k, v, self.mask.offset, &self.mask.pad)
+    ) -> candle_core::Result<whet_kernels::plan::Attn> {
+        whet_kernels::plan::batched(q, k, v, self.mask.offset, &self.mask.pad)
             .map_err(candle_core::Error::Msg)
     }
 }
@@ -269,7 +269,7 @@ impl CustomOp3 for PackedAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let plan = crate::cuda::plan::packed(l1.dims(), l2.dims(), l3.dims(), &self.lens)
+        let plan = whet_kernels::plan::packed(l1.dims(), l2.dims(), l3.dims(), &self.lens)
             .map_err(candle_core::Error::Msg)?;
         let (p, saved) = (self.inner.cuda_params(), &self.inner.saved);
         crate::cuda::attn::attn_fwd(&plan, p, saved, (s1, l1), (s2, l2), (s3, l3))
@@ -285,7 +285,7 @@ impl CustomOp3 for PackedAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
-            let plan = crate::cuda::plan::packed(q.dims(), k.dims(), v.dims(), &self.lens)
+            let plan = whet_kernels::plan::packed(q.dims(), k.dims(), v.dims(), &self.lens)
                 .map_err(candle_core::Error::Msg)?;
             let (dq, dk, dv) = crate::cuda::attn::attn_bwd(
                 &plan,

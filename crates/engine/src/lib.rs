@@ -9,12 +9,13 @@
 //!
 //! Numerics: f32 everywhere on CPU by default; with [`Precision::Bf16`] the frozen base
 //! projections compute in bf16 (see [`linear`]), everything trained stays f32. With the `cuda`
-//! feature the same model runs on `Device::Cuda` through whet's own kernels ([`cuda`]).
+//! feature the same model runs on `Device::Cuda` through whet's own kernels (the `cuda` module).
 
 mod attention;
 pub mod batch;
 pub mod bf16;
 pub mod config;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gguf_export;
 pub mod kernels;

@@ -15,7 +15,7 @@ use whet_kernels::geometry::AttnPlan;
 use whet_kernels::ATTENTION;
 
 use super::launch::{config, device, err, func, launched, output, storage, view, with_cuda};
-use super::plan::Attn;
+use whet_kernels::plan::Attn;
 
 /// The log-sum-exp rows a forward pass leaves for its backward pass.
 #[derive(Default)]

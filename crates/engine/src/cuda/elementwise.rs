@@ -9,7 +9,7 @@ use whet_kernels::geometry::{elementwise, per_row};
 use whet_kernels::{RMSNORM, ROPE, SWIGLU};
 
 use super::launch::{config, device, err, func, launched, output, storage, view, with_cuda};
-use super::plan;
+use whet_kernels::plan;
 
 fn cuda_only(name: &str) -> Result<(CpuStorage, Shape)> {
     Err(err(format!(

@@ -30,7 +30,7 @@ use whet_kernels::geometry::elementwise;
 use whet_kernels::LINEAR;
 
 use super::launch::{config, device, err, func, launched, output, storage, view, with_cuda};
-use super::plan;
+use whet_kernels::plan;
 
 /// One operand: a device pointer and its element type.
 #[derive(Clone, Copy)]

@@ -2,7 +2,8 @@
 //! of `whet-kernels` through cudarc on candle's own stream, so the model code is the same on
 //! `Device::Cuda` as on the CPU.
 //!
-//! - [`plan`]: the shape checks and attention tables, plain Rust (built and tested everywhere);
+//! - `whet_kernels::plan` (plain Rust, built and tested everywhere): the shape checks and the
+//!   attention tables;
 //! - `launch`: loading modules, views of storages, launch configs;
 //! - `elementwise`: RMSNorm, RoPE, SwiGLU (forward and backward);
 //! - `xent`: target log-probabilities over a logits chunk and their gradient;
@@ -12,23 +13,14 @@
 //!
 //! The CPU op stays the reference each kernel is tested against (`tests/cuda.rs`).
 
-pub mod plan;
-
-#[cfg(feature = "cuda")]
 pub(crate) mod attn;
-#[cfg(feature = "cuda")]
 pub(crate) mod elementwise;
-#[cfg(feature = "cuda")]
 pub(crate) mod gemm;
-#[cfg(feature = "cuda")]
 mod launch;
-#[cfg(feature = "cuda")]
 pub(crate) mod xent;
 
-#[cfg(feature = "cuda")]
 pub use decode::decode_attention_fwd;
 
-#[cfg(feature = "cuda")]
 mod decode {
     use candle_core::{CudaStorage, Layout, Result, Shape};
 
@@ -47,7 +39,7 @@ mod decode {
         (sk, lk): (&CudaStorage, &Layout),
         (sv, lv): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
-        let plan = super::plan::decode(lq.dims(), lk.dims(), lv.dims(), keys, &mask.pad)
+        let plan = whet_kernels::plan::decode(lq.dims(), lk.dims(), lv.dims(), keys, &mask.pad)
             .map_err(candle_core::Error::Msg)?;
         let p = super::attn::Params {
             window: mask.window.unwrap_or(0),

@@ -9,7 +9,7 @@ use whet_kernels::geometry::per_row;
 use whet_kernels::XENT;
 
 use super::launch::{config, device, err, func, launched, output, storage, view};
-use super::plan;
+use whet_kernels::plan;
 
 /// `log_softmax(logits)[r, targets[r]]` for each row of a contiguous `(rows, vocab)` chunk.
 pub(crate) fn target_logprobs(

@@ -1,9 +1,9 @@
-//! The GPU-free half of the launch code: every shape check a kernel needs before it is
-//! launched, and the tables the attention kernels read, from the engine's own shapes. Built and
-//! tested in every build, so a wrong size is caught on a laptop, not as a bad memory access on a
-//! GPU.
+//! The GPU-free half of the engine's launch code: every shape check a kernel needs before it is
+//! launched, and the tables the attention kernels read, from the shapes of the engine's tensors
+//! (plain dims, no tensor types). Built and tested in every build, so a wrong size is caught on
+//! a laptop, not as a bad memory access on a GPU.
 
-use whet_kernels::geometry::{self, AttnPlan, AttnStrides, SeqDesc};
+use crate::geometry::{self, AttnPlan, AttnStrides, SeqDesc};
 
 /// Why a launch was refused: the tensor and what is wrong with it.
 pub type PlanResult<T> = Result<T, String>;
