@@ -159,6 +159,7 @@ pub fn sampler_options(loaded: &Loaded) -> SamplerOptions {
     SamplerOptions {
         eos_token_ids: eos,
         detokenize,
+        ..Default::default()
     }
 }
 

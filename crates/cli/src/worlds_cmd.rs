@@ -41,6 +41,9 @@ pub struct RolloutArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Episodes played at once, in lockstep (their turns sampled as one batch).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -70,30 +73,41 @@ fn rollout(mut a: RolloutArgs) -> Result<()> {
     let mut lines = String::new();
     let (mut successes, mut total_reward) = (0usize, 0.0);
     let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
-    for i in 0..a.count {
-        let (task, seed) = manifest.episode(i);
-        let ep = episode::play(
+    let specs: Vec<episode::EpisodeSpec> = (0..a.count)
+        .map(|i| {
+            let (task, seed) = manifest.episode(i);
+            episode::EpisodeSpec {
+                task,
+                seed,
+                sample_seed: a.seed.wrapping_mul(1_000_003).wrapping_add(i as u64 * 7919),
+            }
+        })
+        .collect();
+    let mut i = 0;
+    for chunk in specs.chunks(a.batch as usize) {
+        let played = episode::play_many(
             &manifest,
             &sampler,
             tok,
             a.system_prompt.as_deref(),
-            &task,
-            seed,
-            a.seed.wrapping_mul(1_000_003).wrapping_add(i as u64 * 7919),
+            chunk,
             a.temperature,
         )
-        .with_context(|| format!("episode {i}"))?;
-        if let Some(e) = &ep.error {
-            tracing::warn!("episode {i}: {e}");
+        .with_context(|| format!("episodes {i}..{}", i + chunk.len()))?;
+        for ep in played {
+            if let Some(e) = &ep.error {
+                tracing::warn!("episode {i}: {e}");
+            }
+            successes += usize::from(ep.success);
+            total_reward += ep.total_reward();
+            *reasons.entry(ep.termination_reason.clone()).or_default() += 1;
+            let id = format!("{}-{}-{i}", manifest.name, a.seed);
+            let atif = episode::to_atif(&ep, &manifest, &a.m.model, &id);
+            lines.push_str(&format!("{atif}\n"));
+            i += 1;
+            bar.inc(1);
+            bar.set_message(format!("success {successes}/{i}"));
         }
-        successes += usize::from(ep.success);
-        total_reward += ep.total_reward();
-        *reasons.entry(ep.termination_reason.clone()).or_default() += 1;
-        let id = format!("{}-{}-{i}", manifest.name, a.seed);
-        let atif = episode::to_atif(&ep, &manifest, &a.m.model, &id);
-        lines.push_str(&format!("{atif}\n"));
-        bar.inc(1);
-        bar.set_message(format!("success {successes}/{}", i + 1));
     }
     bar.finish_and_clear();
     common::emit(Some(&a.out), &lines)?;

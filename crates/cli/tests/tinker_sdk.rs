@@ -34,9 +34,10 @@ const TOL: f64 = 1e-4;
 /// The driver's limit for the whole run (each SDK call has its own 120 s limit inside).
 const DRIVER_TIMEOUT: Duration = Duration::from_secs(600);
 /// The driver's steps, in order: a report with all of them and no `fatal` ran to the end.
-const STEPS: [&str; 12] = [
+const STEPS: [&str; 13] = [
     "step_a_create",
     "step_b_forward_losses",
+    "step_b2_train_every_loss",
     "step_c_pipelined_step",
     "step_d_save",
     "step_e_second_step",
@@ -321,6 +322,7 @@ impl Engine {
             options: SamplerOptions {
                 eos_token_ids: model.config.eos_token_ids.clone(),
                 detokenize: None,
+                ..Default::default()
             },
             model,
             ce,
@@ -410,6 +412,18 @@ impl Engine {
                 &self.rl
             };
             r["forward"][loss.name()] = fb_record(&tc.forward(data, loss, &config).unwrap());
+        }
+        // b2. a second client: forward_backward + optim_step with each loss in turn.
+        let mut every = self.session("every-loss");
+        for (loss, config) in loss_configs() {
+            let data = if loss == LossFn::CrossEntropy {
+                &self.ce
+            } else {
+                &self.rl
+            };
+            let fb = fb_record(&every.forward_backward(data, loss, &config).unwrap());
+            let optim = every.optim_step(&adam()).unwrap();
+            r["every_loss"][loss.name()] = json!({"fb": fb, "optim": optim.metrics});
         }
         // c. two accumulated forward_backward calls, one optim_step, then a forward.
         let fb_ce = tc.forward_backward(&self.ce, LossFn::CrossEntropy, &BTreeMap::new());

@@ -110,6 +110,40 @@ pub trait SamplingClient: Send {
 
     /// The logprob of every prompt token given the ones before it (position 0 is `None`).
     fn compute_logprobs(&self, prompt: &ModelInput) -> Result<Vec<Option<f32>>>;
+
+    /// One completion of each prompt (many conversations advancing by a turn at once, as
+    /// episodes played in lockstep do). Not a Tinker call: this default samples the prompts one
+    /// by one, prompt `i` seeded with [`each_seed`]`(params.seed, i)`; the engine decodes them
+    /// as one batch with the same per-row seeds, so both give the same tokens.
+    fn sample_each(
+        &self,
+        prompts: &[ModelInput],
+        params: &SamplingParams,
+    ) -> Result<Vec<SampledSequence>> {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| {
+                let params = SamplingParams {
+                    seed: params.seed.map(|s| each_seed(s, i)),
+                    ..params.clone()
+                };
+                self.sample(prompt, 1, &params, false, 0)?
+                    .sequences
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| {
+                        ContractError::Internal("the sampler returned no sequence".into())
+                    })
+            })
+            .collect()
+    }
+}
+
+/// The seed of row `i` of a batch sampled with seed `seed`: sequence `i` of one `sample` call,
+/// or prompt `i` of [`SamplingClient::sample_each`]. Row 0 keeps `seed` itself.
+pub fn each_seed(seed: u64, i: usize) -> u64 {
+    seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod losses;
 pub mod merge;
 pub mod model;
 pub mod ops;
+mod prefix_cache;
 pub mod sampler;
 pub mod session;
 #[cfg(test)]
@@ -42,7 +43,7 @@ pub use config::{Architecture, ModelConfig};
 pub use linear::Precision;
 pub use loader::ModelSource;
 pub use model::Model;
-pub use sampler::{Detokenize, Sampler, SamplerOptions};
+pub use sampler::{Detokenize, Sampler, SamplerOptions, DEFAULT_PREFIX_CACHE_BYTES};
 pub use session::TrainingSession;
 
 /// Runs `f` on a worker of rayon's global pool (the one candle's GEMM and whet's kernels run

@@ -1,37 +1,58 @@
 //! Sampling: Tinker's `SamplingClient` in process.
 //!
 //! The prompt is prefilled once; its KV cache is copied to the `n` samples, which then decode
-//! in lockstep as one batch, finished sequences leaving the batch. Each token's reported
+//! in lockstep as one batch, finished sequences leaving the batch. A prompt that extends a
+//! sequence this sampler finished earlier (a conversation's next turn) is prefilled from that
+//! sequence's keys and values ([`crate::prefix_cache`]); many prompts advance together through
+//! `sample_each`. Each token's reported
 //! logprob is the model's own (`log_softmax` of the raw logits, before temperature, top-k and
 //! top-p), so it agrees with the trainer's `forward` on the same weights — RL's importance
 //! ratios depend on that.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use whet_contract::{
-    ContractError, ModelInput, SampleResponse, SampledSequence, SamplingClient, SamplingParams,
-    Stop, StopReason,
+    each_seed, ContractError, ModelInput, SampleResponse, SampledSequence, SamplingClient,
+    SamplingParams, Stop, StopReason,
 };
 use whet_lora::LoraWeights;
 
 use crate::batch::check_tokens;
 use crate::model::{KvCache, Layout, Model};
 use crate::ops::{exp_nonpos, log_softmax_rows, row_lse};
+use crate::prefix_cache::PrefixCache;
 use crate::EngineError;
 
 /// Turns token ids back into text (for stop strings).
 pub type Detokenize = Arc<dyn Fn(&[u32]) -> String + Send + Sync>;
 
 /// What a sampler needs besides weights.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct SamplerOptions {
     /// Tokens that end a sequence by default (EOS, end-of-turn).
     pub eos_token_ids: Vec<u32>,
     /// A detokenizer; stop strings need one.
     pub detokenize: Option<Detokenize>,
+    /// Bytes of finished sequences' keys and values kept for prompts that extend them (0: none).
+    pub prefix_cache_bytes: usize,
+}
+
+/// The default [`SamplerOptions::prefix_cache_bytes`]: 2 GiB, about 45,000 tokens of
+/// SmolLM2-135M (46 KB of f32 keys and values per token) — 32 multi-turn episodes of ~1,400
+/// tokens each. It is only filled by calls that ask for one completion per prompt.
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 2 << 30;
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        Self {
+            eos_token_ids: vec![],
+            detokenize: None,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
+        }
+    }
 }
 
 /// A sampler on a base model with an optional adapter snapshot.
@@ -39,6 +60,7 @@ pub struct Sampler {
     model: Arc<Model>,
     lora: Option<LoraWeights>,
     options: SamplerOptions,
+    prefix: Mutex<PrefixCache>,
 }
 
 /// How sequences end.
@@ -50,10 +72,12 @@ struct Stops {
 impl Sampler {
     /// A sampler on `model`, with `lora` (detached weights) or none.
     pub fn new(model: Arc<Model>, lora: Option<LoraWeights>, options: SamplerOptions) -> Self {
+        let prefix = Mutex::new(PrefixCache::new(options.prefix_cache_bytes));
         Self {
             model,
             lora,
             options,
+            prefix,
         }
     }
 
@@ -164,30 +188,82 @@ impl Sampler {
             .map(|p| self.prompt_tokens(p))
             .collect::<Result<_, _>>()?;
         check_params(params)?;
-        // All prompts prefilled in one packed pass; each keeps its own cache.
-        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let flat: Vec<u32> = prompts.iter().flatten().copied().collect();
-        let mut caches = Vec::new();
-        let hidden = self.model.forward_hidden(
-            &flat,
-            Layout::Prefill {
-                lens: &lens,
-                caches: &mut caches,
-            },
-            self.lora.as_ref(),
-            None,
-        )?;
-        let last: Vec<u32> = lens
-            .iter()
-            .scan(0usize, |end, &l| {
-                *end += l;
-                Some((*end - 1) as u32)
-            })
-            .collect();
-        let rows = hidden.index_select(&Tensor::new(last.as_slice(), hidden.device())?, 0)?;
-        let firsts: Vec<Vec<f32>> = self.model.logits(&rows)?.to_vec2()?;
-        let prefilled: Vec<(KvCache, Vec<f32>)> = caches.into_iter().zip(firsts).collect();
+        let prefilled = self.prefill_many(&prompts)?;
         self.decode(&prompts, prefilled, n, params)
+    }
+
+    /// Prefills prompts: each one that extends a stored sequence from that sequence's keys
+    /// and values (only its new tokens go through the model), the others together in one
+    /// packed pass. Result: per prompt, its single-row cache and the logits after its last
+    /// token.
+    fn prefill_many(&self, prompts: &[Vec<u32>]) -> Result<Vec<(KvCache, Vec<f32>)>, EngineError> {
+        let mut out: Vec<Option<(KvCache, Vec<f32>)>> = (0..prompts.len()).map(|_| None).collect();
+        let mut fresh = Vec::new();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let hit = self.prefix().lookup(prompt)?;
+            let Some(mut cache) = hit else {
+                fresh.push(i);
+                continue;
+            };
+            let reused = cache.len;
+            let hidden = self.model.forward_hidden(
+                &prompt[reused..],
+                Layout::Cached {
+                    batch: 1,
+                    cache: &mut cache,
+                },
+                self.lora.as_ref(),
+                None,
+            )?;
+            let last = hidden.narrow(0, prompt.len() - reused - 1, 1)?;
+            let first = self.model.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?;
+            out[i] = Some((cache, first));
+        }
+        if !fresh.is_empty() {
+            // One packed pass; each prompt keeps its own cache.
+            let lens: Vec<usize> = fresh.iter().map(|&i| prompts[i].len()).collect();
+            let flat: Vec<u32> = fresh
+                .iter()
+                .flat_map(|&i| prompts[i].iter().copied())
+                .collect();
+            let mut caches = Vec::new();
+            let hidden = self.model.forward_hidden(
+                &flat,
+                Layout::Prefill {
+                    lens: &lens,
+                    caches: &mut caches,
+                },
+                self.lora.as_ref(),
+                None,
+            )?;
+            let last: Vec<u32> = lens
+                .iter()
+                .scan(0usize, |end, &l| {
+                    *end += l;
+                    Some((*end - 1) as u32)
+                })
+                .collect();
+            let rows = hidden.index_select(&Tensor::new(last.as_slice(), hidden.device())?, 0)?;
+            let firsts: Vec<Vec<f32>> = self.model.logits(&rows)?.to_vec2()?;
+            for ((&i, cache), first) in fresh.iter().zip(caches).zip(firsts) {
+                out[i] = Some((cache, first));
+            }
+        }
+        out.into_iter()
+            .map(|p| p.ok_or_else(|| EngineError::Internal("a prompt was not prefilled".into())))
+            .collect()
+    }
+
+    /// Prompt tokens this sampler did not recompute because a stored sequence held their keys
+    /// and values.
+    pub fn reused_prompt_tokens(&self) -> usize {
+        self.prefix().reused_tokens
+    }
+
+    /// The store of finished sequences (a poisoned lock still holds consistent entries: every
+    /// change to the store is made whole before it returns).
+    fn prefix(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
+        self.prefix.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The decode loop from prefilled prompts: sequence `p·n + k` is sample `k` of prompt `p`.
@@ -221,11 +297,7 @@ impl Sampler {
             // One random stream per sequence, ordered like the batch rows (`active`).
             let mut rngs: Vec<rand::rngs::StdRng> = active
                 .iter()
-                .map(|&i| {
-                    rand::rngs::StdRng::seed_from_u64(
-                        base_seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    )
-                })
+                .map(|&i| rand::rngs::StdRng::seed_from_u64(each_seed(base_seed, i)))
                 .collect();
             let (caches, firsts): (Vec<KvCache>, Vec<Vec<f32>>) = prefilled.into_iter().unzip();
             // Room for the whole completion up front (bounded: beyond it the buffers double).
@@ -261,6 +333,9 @@ impl Sampler {
                         keep.push(j as u32);
                     }
                 }
+                if n == 1 && self.prefix().enabled() {
+                    self.store_finished(prompts, &seqs, &active, &keep, &cache)?;
+                }
                 if next.is_empty() {
                     break;
                 }
@@ -294,6 +369,33 @@ impl Sampler {
         Ok(out)
     }
 
+    /// Stores the batch rows that just finished (those of `active` not in `keep`): a row holds
+    /// the keys and values of its prompt and of every sampled token but the last (which ended
+    /// it and was never fed back). Only one-completion-per-prompt calls store: their next
+    /// prompt, if any, continues that one completion.
+    fn store_finished(
+        &self,
+        prompts: &[Vec<u32>],
+        seqs: &[SampledSequence],
+        active: &[usize],
+        keep: &[u32],
+        cache: &KvCache,
+    ) -> Result<(), EngineError> {
+        let mut kept = keep.iter().peekable();
+        let mut store = self.prefix();
+        for (j, &s) in active.iter().enumerate() {
+            if kept.peek() == Some(&&(j as u32)) {
+                kept.next();
+                continue;
+            }
+            let seq = &seqs[s];
+            let mut tokens = prompts[s].clone();
+            tokens.extend(seq.tokens[..seq.tokens.len() - 1].iter().map(|&t| t as u32));
+            store.insert_row(&tokens, cache, j)?;
+        }
+        Ok(())
+    }
+
     fn run(
         &self,
         prompt: &ModelInput,
@@ -304,6 +406,16 @@ impl Sampler {
     ) -> Result<SampleResponse, EngineError> {
         let tokens = self.prompt_tokens(prompt)?;
         check_params(params)?;
+        if !prompt_logprobs && topk_prompt == 0 {
+            // No prompt logprobs wanted: the prompt may resume from a stored prefix.
+            let prefilled = self.prefill_many(std::slice::from_ref(&tokens))?;
+            let mut seqs = self.decode(&[tokens], prefilled, n, params)?;
+            return Ok(SampleResponse {
+                sequences: seqs.pop().unwrap_or_default(),
+                prompt_logprobs: None,
+                topk_prompt_logprobs: None,
+            });
+        }
         let (cache, hidden) = self.prefill(&tokens)?;
         let l = tokens.len();
         let (prompt_lp, topk) = if (prompt_logprobs || topk_prompt > 0) && l > 1 {
@@ -500,6 +612,21 @@ impl SamplingClient for Sampler {
 
     fn compute_logprobs(&self, prompt: &ModelInput) -> Result<Vec<Option<f32>>, ContractError> {
         crate::in_pool(|| self.logprobs_of(prompt))
+    }
+
+    /// All prompts decoded as one batch, each prefilled from the longest sequence of this
+    /// sampler's it extends; row `i` is seeded with `each_seed(seed, i)`, as the contract's
+    /// default does prompt by prompt.
+    fn sample_each(
+        &self,
+        prompts: &[ModelInput],
+        params: &SamplingParams,
+    ) -> Result<Vec<SampledSequence>, ContractError> {
+        if prompts.is_empty() {
+            return Ok(vec![]);
+        }
+        let out = crate::in_pool(|| self.sample_batch(prompts, 1, params))?;
+        Ok(out.into_iter().flatten().collect())
     }
 }
 

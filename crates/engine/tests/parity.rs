@@ -2,17 +2,19 @@
 //! builds (tiny random Llama / Qwen2 / Qwen3 / Mistral models, PEFT adapters, datums, and the
 //! logprobs, losses, gradients and AdamW updates torch computed on them).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use whet_contract::{
-    AdamParams, Datum, LossFn, LossFnConfig, ModelInput, SamplingClient, SamplingParams,
-    TrainingClient,
+    AdamParams, LossFn, LossFnConfig, ModelInput, SamplingClient, SamplingParams, TrainingClient,
 };
-use whet_engine::{load_adapter, load_model, Model, Precision, SamplerOptions, TrainingSession};
+use whet_engine::{load_adapter, load_model, Precision, SamplerOptions, TrainingSession};
+
+mod common;
+
+use common::*;
 
 const MODELS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"];
 const LOSSES: [&str; 5] = [
@@ -22,112 +24,6 @@ const LOSSES: [&str; 5] = [
     "cispo",
     "dro",
 ];
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-struct Fixture {
-    dir: PathBuf,
-    model: Arc<Model>,
-    datums: Vec<Datum>,
-    expected: HashMap<String, Tensor>,
-    meta: Value,
-}
-
-fn fixture(name: &str) -> Fixture {
-    fixture_in(name, Precision::F32)
-}
-
-fn fixture_in(name: &str, precision: Precision) -> Fixture {
-    let dir = fixtures().join(name);
-    let (_, model) = load_model(dir.to_str().unwrap(), &Device::Cpu, precision).unwrap();
-    let datums = std::fs::read_to_string(dir.join("datums.jsonl"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let expected =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let meta =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    Fixture {
-        dir,
-        model,
-        datums,
-        expected,
-        meta,
-    }
-}
-
-impl Fixture {
-    fn session(&self, with_adapter: bool) -> TrainingSession {
-        let ckpt = tempfile::tempdir().unwrap().keep();
-        if with_adapter {
-            let adapter = load_adapter(&self.model, &self.dir.join("adapter")).unwrap();
-            TrainingSession::with_adapter(
-                self.model.clone(),
-                "fixture",
-                adapter,
-                &ckpt,
-                SamplerOptions::default(),
-            )
-        } else {
-            // A fresh adapter has B = 0, so it computes exactly the base model.
-            let cfg = whet_lora::LoraConfig {
-                rank: 2,
-                ..Default::default()
-            };
-            TrainingSession::new(
-                self.model.clone(),
-                "fixture",
-                cfg,
-                &ckpt,
-                SamplerOptions::default(),
-            )
-            .unwrap()
-        }
-    }
-
-    fn loss_config(&self, loss: &str) -> LossFnConfig {
-        self.meta["loss_fn_config"][loss]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
-            .collect()
-    }
-
-    fn tensor(&self, key: &str) -> Vec<f32> {
-        self.expected
-            .get(key)
-            .unwrap_or_else(|| panic!("fixture has no {key}"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn logprobs_of(out: &whet_contract::ForwardBackwardOutput) -> Vec<Vec<f32>> {
-    out.loss_fn_outputs
-        .iter()
-        .map(|o| o["logprobs"].to_f32_vec())
-        .collect()
-}
 
 #[test]
 fn logprobs_match_transformers_bare_and_with_peft_adapter() {
@@ -377,73 +273,6 @@ fn resuming_from_saved_state_is_bitwise_identical() {
     assert_eq!(straight.optimizer(), resumed.optimizer());
 }
 
-/// `forward`'s logprobs of `tokens` following `prompt` (position i predicts token i + 1).
-fn continuation_logprobs(s: &mut TrainingSession, prompt: &[i64], tokens: &[i64]) -> Vec<f32> {
-    let mut all = prompt.to_vec();
-    all.extend(tokens);
-    let datum = Datum {
-        model_input: ModelInput::from_ints(all[..all.len() - 1].to_vec()),
-        loss_fn_inputs: BTreeMap::from([(
-            "target_tokens".to_string(),
-            whet_contract::TensorData::from_i64(all[1..].to_vec()),
-        )]),
-    };
-    let out = s
-        .forward(&[datum], LossFn::CrossEntropy, &LossFnConfig::new())
-        .unwrap();
-    logprobs_of(&out)[0][prompt.len() - 1..].to_vec()
-}
-
-#[test]
-fn sampled_logprobs_equal_forward_logprobs() {
-    for name in ["tiny-qwen3", "tiny-mistral"] {
-        let f = fixture(name);
-        let mut s = f.session(true);
-        let sampler = s.sampling_client().unwrap();
-        let prompt: Vec<i64> = vec![3, 17, 42, 9, 100, 5];
-        let params = SamplingParams {
-            max_tokens: Some(12),
-            seed: Some(1),
-            stop: Some(whet_contract::Stop::Tokens(vec![])),
-            ..SamplingParams::default()
-        };
-        let resp = sampler
-            .sample(&ModelInput::from_ints(prompt.clone()), 3, &params, true, 0)
-            .unwrap();
-        assert_eq!(resp.sequences.len(), 3);
-        // The prompt logprobs equal compute_logprobs.
-        let cl = sampler
-            .compute_logprobs(&ModelInput::from_ints(prompt.clone()))
-            .unwrap();
-        let pl = resp.prompt_logprobs.clone().unwrap();
-        assert_eq!(pl[0], None);
-        for (a, b) in pl.iter().zip(&cl).skip(1) {
-            assert!((a.unwrap() - b.unwrap()).abs() < 1e-4);
-        }
-        for seq in &resp.sequences {
-            assert_eq!(seq.tokens.len(), 12);
-            let lp = continuation_logprobs(&mut s, &prompt, &seq.tokens);
-            let d = max_abs_diff(&lp, &seq.logprobs);
-            assert!(
-                d < 1e-4,
-                "{name}: sampler vs forward logprobs differ by {d}"
-            );
-        }
-        // Same seed, same samples.
-        let again = sampler
-            .sample(&ModelInput::from_ints(prompt.clone()), 3, &params, false, 0)
-            .unwrap();
-        assert_eq!(
-            again
-                .sequences
-                .iter()
-                .map(|s| &s.tokens)
-                .collect::<Vec<_>>(),
-            resp.sequences.iter().map(|s| &s.tokens).collect::<Vec<_>>()
-        );
-    }
-}
-
 fn smollm2() -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -475,6 +304,7 @@ fn smollm2_greedy_decoding_equals_transformers() {
         SamplerOptions {
             eos_token_ids: vec![eos],
             detokenize: None,
+            ..Default::default()
         },
     );
     for case in fixture["cases"].as_array().unwrap() {
@@ -520,99 +350,6 @@ fn smollm2_greedy_decoding_equals_transformers() {
             .skip(1)
         {
             assert!((a.unwrap() - b.as_f64().unwrap() as f32).abs() < 1e-3);
-        }
-    }
-}
-
-/// Prompts of different lengths decoded as one batch (prefilled together, left-padded caches)
-/// give each sequence the logprobs `forward` gives, and greedy decoding the same tokens as
-/// decoding each prompt alone.
-#[test]
-fn batched_prompts_of_different_lengths_decode_like_single_ones() {
-    for name in ["tiny-llama", "tiny-mistral"] {
-        let f = fixture(name);
-        let mut s = f.session(true);
-        let sampler = whet_engine::Sampler::new(
-            f.model.clone(),
-            Some(s.adapter().sampling_weights().unwrap()),
-            SamplerOptions::default(),
-        );
-        let prompts: Vec<Vec<i64>> =
-            vec![vec![5, 9, 2], vec![7, 1, 3, 8, 60, 11, 4, 90, 12], vec![40]];
-        let inputs: Vec<ModelInput> = prompts.iter().cloned().map(ModelInput::from_ints).collect();
-        let params = SamplingParams {
-            max_tokens: Some(10),
-            seed: Some(3),
-            stop: Some(whet_contract::Stop::Tokens(vec![])),
-            ..SamplingParams::default()
-        };
-        let batch = sampler.sample_many(&inputs, 2, &params).unwrap();
-        for (prompt, seqs) in prompts.iter().zip(&batch) {
-            for seq in seqs {
-                let lp = continuation_logprobs(&mut s, prompt, &seq.tokens);
-                let d = max_abs_diff(&lp, &seq.logprobs);
-                assert!(d < 1e-4, "{name}: batched sampler vs forward differ by {d}");
-            }
-        }
-        let greedy = SamplingParams {
-            temperature: 0.0,
-            ..params
-        };
-        let together = sampler.sample_many(&inputs, 1, &greedy).unwrap();
-        for (input, seqs) in inputs.iter().zip(&together) {
-            let alone = sampler.sample(input, 1, &greedy, false, 0).unwrap();
-            assert_eq!(seqs[0].tokens, alone.sequences[0].tokens, "{name}");
-        }
-    }
-}
-
-/// With bf16 base weights the sampler's logprobs still match `forward`'s, and the model stays
-/// close to its f32 self (bf16 keeps 8 mantissa bits: logprobs move by about 1e-2 here).
-/// Sampler and forward use the same kernels, and each row's bf16 products do not depend on the
-/// batch it is in, so most logprobs agree to the last bit; but attention sums in a different
-/// order when decoding (one query over the cache) than when scoring (packed sequences), and
-/// rounding to bf16 turns an f32 last-ulp difference into a one-bf16-ulp one now and then —
-/// on these 64-wide random models that moves a logprob by up to a few 1e-3. Hence 5e-3 here
-/// (the f32 path holds 1e-4).
-#[test]
-fn bf16_models_sample_what_forward_scores_and_stay_near_f32() {
-    for name in ["tiny-llama", "tiny-qwen2"] {
-        let exact = fixture(name);
-        let f = fixture_in(name, Precision::Bf16);
-        assert_eq!(f.model.precision(), Precision::Bf16);
-        let scored = |fx: &Fixture| {
-            let out = fx
-                .session(true)
-                .forward(&fx.datums, LossFn::CrossEntropy, &LossFnConfig::new())
-                .unwrap();
-            logprobs_of(&out).concat()
-        };
-        let d = max_abs_diff(&scored(&f), &scored(&exact));
-        assert!(
-            d > 0.0 && d < 2e-2,
-            "{name}: bf16 vs f32 logprobs differ by {d}"
-        );
-        let mut s = f.session(true);
-        let sampler = whet_engine::Sampler::new(
-            f.model.clone(),
-            Some(s.adapter().sampling_weights().unwrap()),
-            SamplerOptions::default(),
-        );
-        let prompts: Vec<Vec<i64>> = vec![vec![5, 9, 2], vec![7, 1, 3, 8, 60, 11, 4, 90, 12]];
-        let inputs: Vec<ModelInput> = prompts.iter().cloned().map(ModelInput::from_ints).collect();
-        let params = SamplingParams {
-            max_tokens: Some(10),
-            seed: Some(5),
-            stop: Some(whet_contract::Stop::Tokens(vec![])),
-            ..SamplingParams::default()
-        };
-        let batch = sampler.sample_many(&inputs, 2, &params).unwrap();
-        for (prompt, seqs) in prompts.iter().zip(&batch) {
-            for seq in seqs {
-                let lp = continuation_logprobs(&mut s, prompt, &seq.tokens);
-                let d = max_abs_diff(&lp, &seq.logprobs);
-                assert!(d < 5e-3, "{name}: bf16 sampler vs forward differ by {d}");
-            }
         }
     }
 }

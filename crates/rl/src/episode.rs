@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use whet_contract::{ModelInput, SamplingClient};
+use whet_contract::{ModelInput, SampledSequence, SamplingClient};
 use whet_data::Tokenizer;
 
 use crate::rollouts;
@@ -66,6 +66,17 @@ impl Episode {
     }
 }
 
+/// Which episode to play: `reset`'s task and seed, and the seed of the policy's sampling.
+#[derive(Debug, Clone)]
+pub struct EpisodeSpec {
+    /// `reset`'s task.
+    pub task: Value,
+    /// `reset`'s seed (which world).
+    pub seed: u64,
+    /// Seeds the policy's sampling in this episode.
+    pub sample_seed: u64,
+}
+
 /// Plays one episode of `manifest`'s `(task, seed)` with `sampler` (seeded by `sample_seed`).
 /// World failures end the episode with `error`; sampler and tokenizer failures are errors.
 #[allow(clippy::too_many_arguments)]
@@ -79,9 +90,130 @@ pub fn play(
     sample_seed: u64,
     temperature: f64,
 ) -> Result<Episode, RlError> {
-    let mut ep = Episode {
+    let spec = EpisodeSpec {
         task: task.clone(),
         seed,
+        sample_seed,
+    };
+    let mut eps = play_many(
+        manifest,
+        sampler,
+        tokenizer,
+        system_prompt,
+        &[spec],
+        temperature,
+    )?;
+    eps.pop()
+        .ok_or_else(|| RlError::Config("no episode was played".into()))
+}
+
+/// An episode in progress.
+struct Live {
+    ep: Episode,
+    world: World,
+    tools: Vec<Value>,
+    messages: Vec<Value>,
+    sample_seed: u64,
+}
+
+/// Plays the episodes of `specs` in lockstep: every turn, the policy's prompts of all the
+/// episodes still going are sampled in one [`SamplingClient::sample_each`] call (the engine
+/// decodes them as one batch, each prompt resuming from the keys and values of its own last
+/// turn), then each world answers its own. A world failure ends its episode with `error`;
+/// sampler and tokenizer failures are errors. Episode `i`'s turn `t` is seeded with
+/// `sample_seed + t` of the first episode still going and the row's place in the batch, so
+/// the same specs and weights play the same episodes.
+pub fn play_many(
+    manifest: &Manifest,
+    sampler: &dyn SamplingClient,
+    tokenizer: &Tokenizer,
+    system_prompt: Option<&str>,
+    specs: &[EpisodeSpec],
+    temperature: f64,
+) -> Result<Vec<Episode>, RlError> {
+    let mut done: Vec<Option<Episode>> = (0..specs.len()).map(|_| None).collect();
+    let mut live: Vec<(usize, Live)> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        match start(manifest, system_prompt, spec) {
+            Ok(l) => live.push((i, l)),
+            Err(ep) => done[i] = Some(*ep),
+        }
+    }
+    for turn in 0..manifest.limits.max_turns {
+        if live.is_empty() {
+            break;
+        }
+        // A template with no place for tools (SmolLM2's, for one) gets them, and the policy's
+        // earlier calls, as Hermes text (whet_data's chat template does it), which
+        // `parse_tool_calls` reads back.
+        let mut prompts = Vec::with_capacity(live.len());
+        for (_, l) in &live {
+            let tools = (!l.tools.is_empty()).then_some(l.tools.as_slice());
+            let prompt = tokenizer.apply_chat_template(&l.messages, tools, true)?;
+            prompts.push(prompt.iter().map(|&t| t as i64).collect::<Vec<i64>>());
+        }
+        let params = rollouts::params(
+            manifest.limits.max_tokens_per_turn,
+            temperature,
+            1.0,
+            &[],
+            live[0].1.sample_seed.wrapping_add(turn as u64),
+        );
+        let inputs: Vec<ModelInput> = prompts
+            .iter()
+            .map(|p| ModelInput::from_ints(p.clone()))
+            .collect();
+        let seqs = sampler.sample_each(&inputs, &params)?;
+        if seqs.len() != live.len() {
+            return Err(RlError::Config(format!(
+                "the sampler returned {} sequences for {} prompts",
+                seqs.len(),
+                live.len()
+            )));
+        }
+        let mut still = Vec::with_capacity(live.len());
+        for (((i, mut l), prompt), seq) in live.into_iter().zip(prompts).zip(seqs) {
+            let ids: Vec<u32> = seq.tokens.iter().map(|&t| t as u32).collect();
+            let completion = tokenizer.decode(&ids, true)?;
+            match advance(manifest, &mut l, turn, prompt, seq, completion) {
+                Step::Going => still.push((i, l)),
+                Step::Over => done[i] = Some(l.ep),
+            }
+        }
+        live = still;
+    }
+    // Out of turns.
+    for (i, mut l) in live {
+        if let Some(t) = l.ep.turns.last_mut() {
+            t.reward += manifest.terminal_reward("max_steps");
+        }
+        done[i] = Some(l.ep);
+    }
+    done.into_iter()
+        .map(|e| e.ok_or_else(|| RlError::Config("an episode was lost".into())))
+        .collect()
+}
+
+/// Ends `ep` with `error`: the manifest's error reward on its last turn.
+fn fail(manifest: &Manifest, ep: &mut Episode, e: String) {
+    ep.termination_reason = "error".into();
+    ep.error = Some(e);
+    let r = manifest.terminal_reward("error");
+    if let Some(t) = ep.turns.last_mut() {
+        t.reward += r;
+    }
+}
+
+/// Starts the world of `spec` and resets it; a world that fails gives the finished (failed)
+/// episode instead.
+fn start(
+    manifest: &Manifest,
+    system_prompt: Option<&str>,
+    spec: &EpisodeSpec,
+) -> Result<Live, Box<Episode>> {
+    let mut ep = Episode {
+        task: spec.task.clone(),
+        seed: spec.seed,
         start: vec![],
         tools: vec![],
         turns: vec![],
@@ -89,110 +221,106 @@ pub fn play(
         success: false,
         error: None,
     };
-    let fail = |mut ep: Episode, e: String| {
-        ep.termination_reason = "error".into();
-        ep.error = Some(e);
-        let r = manifest.terminal_reward("error");
-        if let Some(t) = ep.turns.last_mut() {
-            t.reward += r;
-        }
-        Ok(ep)
-    };
     let mut world = match World::start(manifest) {
         Ok(w) => w,
-        Err(e) => return fail(ep, e),
+        Err(e) => {
+            fail(manifest, &mut ep, e);
+            return Err(Box::new(ep));
+        }
     };
-    let reset = match world.request(&json!({"op": "reset", "seed": seed, "task": task})) {
+    let reset = match world.request(&json!({"op": "reset", "seed": spec.seed, "task": spec.task})) {
         Ok(r) => r,
-        Err(e) => return fail(ep, e),
+        Err(e) => {
+            fail(manifest, &mut ep, e);
+            return Err(Box::new(ep));
+        }
     };
     let (Some(start), tools) = (
         reset["observation"].as_array().cloned(),
         reset["tools"].as_array().cloned().unwrap_or_default(),
     ) else {
-        return fail(ep, format!("reset: no `observation` list in {reset:.200}"));
+        let e = format!("reset: no `observation` list in {reset:.200}");
+        fail(manifest, &mut ep, e);
+        return Err(Box::new(ep));
     };
-    ep.start = start.clone();
-    ep.tools = tools.clone();
-    // A template with no place for tools (SmolLM2's, for one) gets them, and the policy's
-    // earlier calls, as Hermes text (whet_data's chat template does it), which
-    // `parse_tool_calls` reads back.
-    let mut messages: Vec<Value> = system_prompt
+    let messages = system_prompt
         .map(|s| json!({"role": "system", "content": s}))
         .into_iter()
-        .chain(start)
+        .chain(start.iter().cloned())
         .collect();
-    for turn in 0..manifest.limits.max_turns {
-        let prompt = tokenizer.apply_chat_template(
-            &messages,
-            (!tools.is_empty()).then_some(tools.as_slice()),
-            true,
-        )?;
-        let prompt: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-        let params = rollouts::params(
-            manifest.limits.max_tokens_per_turn,
-            temperature,
-            1.0,
-            &[],
-            sample_seed.wrapping_add(turn as u64),
-        );
-        let out = sampler.sample(&ModelInput::from_ints(prompt.clone()), 1, &params, false, 0)?;
-        let seq = out
-            .sequences
-            .into_iter()
-            .next()
-            .ok_or_else(|| RlError::Config("the sampler returned no sequence".into()))?;
-        let ids: Vec<u32> = seq.tokens.iter().map(|&t| t as u32).collect();
-        let completion = tokenizer.decode(&ids, true)?;
-        let (content, calls) = parse_tool_calls(&completion, turn);
-        let mut message = json!({"role": "assistant", "content": content});
-        if !calls.is_empty() {
-            message["tool_calls"] = json!(calls);
-        }
-        messages.push(message.clone());
-        let mut t = Turn {
-            prompt_tokens: prompt,
-            tokens: seq.tokens,
-            logprobs: seq.logprobs,
-            completion,
-            message: message.clone(),
-            observation: vec![],
-            signals: vec![],
-            reward: 0.0,
-        };
-        let answer = match world.request(&json!({"op": "step", "action": message})) {
-            Ok(a) => a,
-            Err(e) => {
-                ep.turns.push(t);
-                return fail(ep, e);
-            }
-        };
-        t.observation = answer["observation"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        t.signals = serde_json::from_value(answer["reward_signals"].clone()).unwrap_or_default();
-        t.reward = manifest.turn_reward(&t.signals);
-        messages.extend(t.observation.iter().cloned());
-        let done = answer["done"].as_bool().unwrap_or(false);
-        if done {
-            let reason = answer["termination_reason"]
-                .as_str()
-                .unwrap_or("finished")
-                .to_string();
-            t.reward += manifest.terminal_reward(&reason);
-            ep.success = reason == "finished";
-            ep.termination_reason = reason;
-            ep.turns.push(t);
-            return Ok(ep);
-        }
-        ep.turns.push(t);
+    Ok(Live {
+        ep: Episode {
+            start,
+            tools: tools.clone(),
+            ..ep
+        },
+        world,
+        tools,
+        messages,
+        sample_seed: spec.sample_seed,
+    })
+}
+
+/// Whether an episode goes on after a turn.
+enum Step {
+    Going,
+    Over,
+}
+
+/// One turn of `l`: the completion becomes an assistant message with its tool calls, the world
+/// answers, the turn's reward is scored (and the terminal reward when the world says done).
+fn advance(
+    manifest: &Manifest,
+    l: &mut Live,
+    turn: usize,
+    prompt: Vec<i64>,
+    seq: SampledSequence,
+    completion: String,
+) -> Step {
+    let (content, calls) = parse_tool_calls(&completion, turn);
+    let mut message = json!({"role": "assistant", "content": content});
+    if !calls.is_empty() {
+        message["tool_calls"] = json!(calls);
     }
-    // Out of turns.
-    if let Some(t) = ep.turns.last_mut() {
-        t.reward += manifest.terminal_reward("max_steps");
+    l.messages.push(message.clone());
+    let mut t = Turn {
+        prompt_tokens: prompt,
+        tokens: seq.tokens,
+        logprobs: seq.logprobs,
+        completion,
+        message: message.clone(),
+        observation: vec![],
+        signals: vec![],
+        reward: 0.0,
+    };
+    let answer = match l.world.request(&json!({"op": "step", "action": message})) {
+        Ok(a) => a,
+        Err(e) => {
+            l.ep.turns.push(t);
+            fail(manifest, &mut l.ep, e);
+            return Step::Over;
+        }
+    };
+    t.observation = answer["observation"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    t.signals = serde_json::from_value(answer["reward_signals"].clone()).unwrap_or_default();
+    t.reward = manifest.turn_reward(&t.signals);
+    l.messages.extend(t.observation.iter().cloned());
+    if answer["done"].as_bool().unwrap_or(false) {
+        let reason = answer["termination_reason"]
+            .as_str()
+            .unwrap_or("finished")
+            .to_string();
+        t.reward += manifest.terminal_reward(&reason);
+        l.ep.success = reason == "finished";
+        l.ep.termination_reason = reason;
+        l.ep.turns.push(t);
+        return Step::Over;
     }
-    Ok(ep)
+    l.ep.turns.push(t);
+    Step::Going
 }
 
 /// The episode as an ATIF v1.4 trajectory: user steps for the world's messages, agent steps

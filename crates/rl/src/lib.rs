@@ -388,24 +388,30 @@ fn evaluate(sampler: &dyn SamplingClient, run: &Run<'_>) -> Result<Metrics, RlEr
     let limit = run.rl.eval_max_rollouts.max(1);
     let mut m = Metrics::new();
     if let Some(world) = &run.world {
-        let episodes = world.manifest.eval_episodes();
-        let (mut ret, mut won, mut turns) = (0.0, 0.0, 0.0);
-        let n = episodes.len().min(limit);
-        for (task, seed) in episodes.into_iter().take(limit) {
-            let ep = episode::play(
-                world.manifest,
-                sampler,
-                run.tokenizer,
-                world.system_prompt,
-                &task,
+        let specs: Vec<episode::EpisodeSpec> = world
+            .manifest
+            .eval_episodes()
+            .into_iter()
+            .take(limit)
+            .map(|(task, seed)| episode::EpisodeSpec {
+                task,
                 seed,
-                0,
-                0.0,
-            )?;
-            ret += ep.total_reward();
-            won += f64::from(u8::from(ep.success));
-            turns += ep.turns.len() as f64;
-        }
+                sample_seed: 0,
+            })
+            .collect();
+        let n = specs.len();
+        // Greedy, all in one lockstep batch.
+        let played = episode::play_many(
+            world.manifest,
+            sampler,
+            run.tokenizer,
+            world.system_prompt,
+            &specs,
+            0.0,
+        )?;
+        let ret: f64 = played.iter().map(episode::Episode::total_reward).sum();
+        let won = played.iter().filter(|e| e.success).count() as f64;
+        let turns: f64 = played.iter().map(|e| e.turns.len() as f64).sum();
         let n = n.max(1) as f64;
         m.insert("eval/reward_mean".into(), ret / n);
         m.insert("eval/success_rate".into(), won / n);

@@ -9,7 +9,7 @@ use whet_sft::Plan;
 use std::collections::BTreeMap;
 
 use crate::advantages::{group_advantages, group_kind, reward_to_go, GroupKind};
-use crate::episode::{self, Episode};
+use crate::episode::{self, Episode, EpisodeSpec};
 use crate::rollouts::{self, Rollout};
 use crate::{seed, Metrics, RlError, Run};
 
@@ -87,23 +87,32 @@ pub fn sample_world_batch(
         .as_ref()
         .ok_or_else(|| RlError::Config("no world".into()))?;
     let slots = plan.batch(step);
-    let (mut groups, mut episodes) = (Vec::new(), Vec::new());
-    for (g, &slot) in slots.iter().enumerate() {
-        let (task, world_seed) = world.manifest.episode(slot);
-        let eps: Vec<Episode> = (0..run.rl.num_rollouts)
-            .map(|k| {
-                episode::play(
-                    world.manifest,
-                    sampler,
-                    run.tokenizer,
-                    world.system_prompt,
-                    &task,
-                    world_seed,
-                    seed(run.schedule.seed, step, g).wrapping_add(k as u64 * 7919),
-                    run.rl.temperature,
-                )
+    // Every episode of the step in one lockstep batch: group g's k-th episode plays slot g.
+    let k_of = run.rl.num_rollouts;
+    let specs: Vec<EpisodeSpec> = slots
+        .iter()
+        .enumerate()
+        .flat_map(|(g, &slot)| {
+            let (task, world_seed) = world.manifest.episode(slot);
+            (0..k_of).map(move |k| EpisodeSpec {
+                task: task.clone(),
+                seed: world_seed,
+                sample_seed: seed(run.schedule.seed, step, g).wrapping_add(k as u64 * 7919),
             })
-            .collect::<Result<_, _>>()?;
+        })
+        .collect();
+    let mut played = episode::play_many(
+        world.manifest,
+        sampler,
+        run.tokenizer,
+        world.system_prompt,
+        &specs,
+        run.rl.temperature,
+    )?
+    .into_iter();
+    let (mut groups, mut episodes) = (Vec::new(), Vec::new());
+    for _ in &slots {
+        let eps: Vec<Episode> = played.by_ref().take(k_of).collect();
         let returns: Vec<f64> = eps.iter().map(Episode::total_reward).collect();
         let centered = group_advantages(&returns, run.rl.normalize_advantages);
         let mut group = Vec::new();

@@ -1,14 +1,14 @@
 //! Episodes against a world process (a shell script speaking the protocol of
 //! datasets/worlds/README.md), played by SmolLM2: rewards follow the manifest's policy, the episode becomes an ATIF trajectory,
-//! and a world that crashes mid-episode ends it with `error`; turn prompts extend the sampled
-//! history.
+//! and a world that crashes mid-episode ends it with `error`; episodes played in lockstep play
+//! as they would alone; turn prompts extend the sampled history.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use serde_json::json;
 use whet_engine::{load_model, Precision, Sampler, SamplerOptions};
-use whet_rl::episode::{play, to_atif};
+use whet_rl::episode::{play, play_many, to_atif, EpisodeSpec};
 use whet_rl::world::Manifest;
 
 fn root() -> PathBuf {
@@ -94,6 +94,65 @@ fn an_episode_follows_the_protocol_and_becomes_a_trajectory() {
             || ep.error.as_deref().unwrap().contains("stopped")
     );
     assert!((ep.total_reward() + 1.0).abs() < 1e-12);
+}
+
+/// Episodes played in lockstep (their turns sampled as one batch, each resuming from its own
+/// last turn's keys and values) are the episodes each would be alone, and a world that crashes
+/// ends only its own episode.
+#[test]
+fn episodes_in_lockstep_play_as_they_would_alone() {
+    let Some(tok) = tokenizer() else { return };
+    let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let (_, model) = load_model(gguf.to_str().unwrap(), &Device::Cpu, Precision::F32).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The world of seed 7 dies right after its reset.
+    let script = WORLD.replace(
+        "  case \"$line\" in\n",
+        "  case \"$line\" in\n    *'\"seed\":7'*) echo '{\"observation\": [{\"role\": \"user\", \"content\": \"hi\"}]}'; exit 1 ;;\n",
+    );
+    let m = manifest(dir.path(), &script);
+    let specs: Vec<EpisodeSpec> = [5, 7, 9]
+        .into_iter()
+        .map(|seed| EpisodeSpec {
+            task: json!(null),
+            seed,
+            sample_seed: 0,
+        })
+        .collect();
+    let sampler = Sampler::new(model.clone(), None, SamplerOptions::default());
+    let together = play_many(&m, &sampler, &tok, Some("Be brief."), &specs, 0.0).unwrap();
+    assert_eq!(together.len(), 3);
+    assert_eq!(together[1].termination_reason, "error");
+    assert!(
+        sampler.reused_prompt_tokens() > 0,
+        "turn 2 resumed from turn 1"
+    );
+    for (i, ep) in together.iter().enumerate() {
+        let fresh = Sampler::new(model.clone(), None, SamplerOptions::default());
+        let alone = play(
+            &m,
+            &fresh,
+            &tok,
+            Some("Be brief."),
+            &ep.task,
+            ep.seed,
+            0,
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(ep.seed, specs[i].seed);
+        assert_eq!(
+            ep.termination_reason, alone.termination_reason,
+            "seed {}",
+            ep.seed
+        );
+        let completions = |e: &whet_rl::episode::Episode| -> Vec<String> {
+            e.turns.iter().map(|t| t.completion.clone()).collect()
+        };
+        assert_eq!(completions(ep), completions(&alone), "seed {}", ep.seed);
+        assert!((ep.total_reward() - alone.total_reward()).abs() < 1e-12);
+    }
+    assert_eq!(together[0].termination_reason, "finished");
 }
 
 /// A policy that always answers with the same text (tokenized, the end-of-turn token last), as

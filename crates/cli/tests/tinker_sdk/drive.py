@@ -7,6 +7,8 @@ the numbers agree with whet's own engine. What the report lets the test check:
 
 - a. LoRA creation (`rank`, `seed`, `train_unembed` travel in `lora_config`) and `get_info`;
 - b. `forward` with each built-in loss and its config (per-datum logprobs, metrics);
+- b2. on a second LoRA client, `forward_backward` + `optim_step` with each loss in turn (each
+  step's gradient shows in its `grad_norm` and in the next call's logprobs);
 - c. two accumulated `forward_backward` calls and an `optim_step`, submitted back to back
   before any result is read (the SDK pipelines them: the server must order them by seq id);
 - d. `save_state` / `save_weights_for_sampler` paths;
@@ -273,6 +275,20 @@ def step_b_forward_losses(s: State, r: dict[str, Any]) -> None:
         r["forward"][loss] = fb_record(wait(s.tc.forward(data, loss, config)))
 
 
+def step_b2_train_every_loss(s: State, r: dict[str, Any]) -> None:
+    tc = new_client(
+        lambda: s.sc.create_lora_training_client(
+            base_model=s.args.model, rank=4, seed=7, train_unembed=False
+        )
+    )
+    r["every_loss"] = {}
+    for loss, config in LOSS_CONFIGS.items():
+        data = s.ce if loss == "cross_entropy" else s.rl
+        fb = fb_record(wait(tc.forward_backward(data, loss, config)))
+        optim = wait(tc.optim_step(types.AdamParams(learning_rate=LEARNING_RATE))).metrics
+        r["every_loss"][loss] = {"fb": fb, "optim": optim}
+
+
 def step_c_pipelined_step(s: State, r: dict[str, Any]) -> None:
     # All three are submitted before any result is read: the server has them queued at once
     # (and may receive them out of order) and must run them in seq-id order.
@@ -460,6 +476,7 @@ def step_l_close(s: State, r: dict[str, Any]) -> None:
 STEPS = [
     step_a_create,
     step_b_forward_losses,
+    step_b2_train_every_loss,
     step_c_pipelined_step,
     step_d_save,
     step_e_second_step,
