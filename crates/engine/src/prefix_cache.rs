@@ -76,7 +76,11 @@ impl PrefixCache {
         self.reused_tokens += n;
         let entry = &mut self.entries[i];
         entry.used_at = self.clock;
-        let copy = |t: &Tensor| -> Result<Tensor, EngineError> { Ok(t.narrow(2, 0, n)?.copy()?) };
+        // `force_contiguous`, not `copy`: candle's `copy` clones the whole underlying storage
+        // and keeps the view's layout.
+        let copy = |t: &Tensor| -> Result<Tensor, EngineError> {
+            Ok(t.narrow(2, 0, n)?.force_contiguous()?)
+        };
         let layers = entry
             .layers
             .iter()
@@ -117,8 +121,12 @@ impl PrefixCache {
             let Some((k, v)) = layer else {
                 return Ok(());
             };
+            // Only this row's slots: `copy` would clone the whole batch buffer behind the
+            // view (a regression once: 32 episodes' store held 32 batch caches each).
             let own = |t: &Tensor| -> Result<Tensor, EngineError> {
-                Ok(t.narrow(0, row, 1)?.narrow(2, pad, tokens.len())?.copy()?)
+                Ok(t.narrow(0, row, 1)?
+                    .narrow(2, pad, tokens.len())?
+                    .force_contiguous()?)
             };
             let (k, v) = (own(k)?, own(v)?);
             bytes += (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes();
@@ -200,6 +208,32 @@ mod tests {
             len,
             pad,
         }
+    }
+
+    /// Elements of the storage behind `t` (not of the view).
+    fn storage_len(t: &Tensor) -> usize {
+        let (storage, _) = t.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => s.as_slice::<f32>().unwrap().len(),
+            _ => unreachable!("CPU tests"),
+        }
+    }
+
+    #[test]
+    fn a_stored_row_and_a_lookup_hold_only_their_own_slots() {
+        let mut store = PrefixCache::new(1 << 20);
+        let tokens: Vec<u32> = (0..20).collect();
+        // Row 2 of a 4-row batch buffer of 64 slots per row, 30 in use.
+        let mut batch = cache(4, 64, vec![0, 0, 10, 0]);
+        batch.len = 30;
+        store.insert_row(&tokens, &batch, 2).unwrap();
+        let (k, v) = &store.entries[0].layers[0];
+        assert_eq!((storage_len(k), storage_len(v)), (20, 20));
+        assert_eq!(store.bytes(), 2 * 20 * 4);
+        let hit = store.lookup(&(0..40).collect::<Vec<u32>>()).unwrap().unwrap();
+        let (k, _) = hit.layers[0].as_ref().unwrap();
+        assert_eq!(storage_len(k), 20);
+        assert_eq!(slots(&hit), (210..230).map(|x| x as f32).collect::<Vec<_>>());
     }
 
     fn slots(c: &KvCache) -> Vec<f32> {
