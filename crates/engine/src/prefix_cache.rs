@@ -19,7 +19,7 @@ use crate::kv_cache::KvCache;
 use crate::EngineError;
 
 /// Below this many shared tokens a lookup is not worth its copy.
-const MIN_REUSE: usize = 16;
+pub(crate) const MIN_REUSE: usize = 16;
 
 /// One stored sequence: its tokens and, per layer, keys and values `(1, kv_heads, len,
 /// head_dim)` of exactly those tokens.
@@ -91,6 +91,15 @@ impl PrefixCache {
             len: n,
             pad: vec![],
         }))
+    }
+
+    /// How many leading tokens of `tokens` the best stored entry holds.
+    pub(crate) fn covered(&self, tokens: &[u32]) -> usize {
+        self.entries
+            .iter()
+            .map(|e| common_prefix(&e.tokens, tokens))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Stores row `row` of `cache`, which holds the keys and values of `tokens` (after the
@@ -230,10 +239,16 @@ mod tests {
         let (k, v) = &store.entries[0].layers[0];
         assert_eq!((storage_len(k), storage_len(v)), (20, 20));
         assert_eq!(store.bytes(), 2 * 20 * 4);
-        let hit = store.lookup(&(0..40).collect::<Vec<u32>>()).unwrap().unwrap();
+        let hit = store
+            .lookup(&(0..40).collect::<Vec<u32>>())
+            .unwrap()
+            .unwrap();
         let (k, _) = hit.layers[0].as_ref().unwrap();
         assert_eq!(storage_len(k), 20);
-        assert_eq!(slots(&hit), (210..230).map(|x| x as f32).collect::<Vec<_>>());
+        assert_eq!(
+            slots(&hit),
+            (210..230).map(|x| x as f32).collect::<Vec<_>>()
+        );
     }
 
     fn slots(c: &KvCache) -> Vec<f32> {

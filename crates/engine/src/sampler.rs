@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rayon::prelude::*;
 use whet_contract::{
     each_seed, ContractError, ModelInput, SampleResponse, SampledSequence, SamplingClient,
@@ -22,9 +22,14 @@ use whet_lora::LoraWeights;
 
 use crate::batch::check_tokens;
 use crate::model::{KvCache, Layout, Model};
-use crate::ops::{exp_nonpos, log_softmax_rows, row_lse};
+use crate::ops::log_softmax_rows;
 use crate::prefix_cache::PrefixCache;
+
+mod pick;
+mod prefill;
+
 use crate::EngineError;
+use pick::{pick, top_k};
 
 /// Turns token ids back into text (for stop strings).
 pub type Detokenize = Arc<dyn Fn(&[u32]) -> String + Send + Sync>;
@@ -192,80 +197,6 @@ impl Sampler {
         self.decode(&prompts, prefilled, n, params)
     }
 
-    /// Prefills prompts: each one that extends a stored sequence from that sequence's keys
-    /// and values (only its new tokens go through the model), the others together in one
-    /// packed pass. Result: per prompt, its single-row cache and the logits after its last
-    /// token.
-    fn prefill_many(&self, prompts: &[Vec<u32>]) -> Result<Vec<(KvCache, Vec<f32>)>, EngineError> {
-        let mut out: Vec<Option<(KvCache, Vec<f32>)>> = (0..prompts.len()).map(|_| None).collect();
-        let mut fresh = Vec::new();
-        for (i, prompt) in prompts.iter().enumerate() {
-            let hit = self.prefix().lookup(prompt)?;
-            let Some(mut cache) = hit else {
-                fresh.push(i);
-                continue;
-            };
-            let reused = cache.len;
-            let hidden = self.model.forward_hidden(
-                &prompt[reused..],
-                Layout::Cached {
-                    batch: 1,
-                    cache: &mut cache,
-                },
-                self.lora.as_ref(),
-                None,
-            )?;
-            let last = hidden.narrow(0, prompt.len() - reused - 1, 1)?;
-            let first = self.model.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?;
-            out[i] = Some((cache, first));
-        }
-        if !fresh.is_empty() {
-            // One packed pass; each prompt keeps its own cache.
-            let lens: Vec<usize> = fresh.iter().map(|&i| prompts[i].len()).collect();
-            let flat: Vec<u32> = fresh
-                .iter()
-                .flat_map(|&i| prompts[i].iter().copied())
-                .collect();
-            let mut caches = Vec::new();
-            let hidden = self.model.forward_hidden(
-                &flat,
-                Layout::Prefill {
-                    lens: &lens,
-                    caches: &mut caches,
-                },
-                self.lora.as_ref(),
-                None,
-            )?;
-            let last: Vec<u32> = lens
-                .iter()
-                .scan(0usize, |end, &l| {
-                    *end += l;
-                    Some((*end - 1) as u32)
-                })
-                .collect();
-            let rows = hidden.index_select(&Tensor::new(last.as_slice(), hidden.device())?, 0)?;
-            let firsts: Vec<Vec<f32>> = self.model.logits(&rows)?.to_vec2()?;
-            for ((&i, cache), first) in fresh.iter().zip(caches).zip(firsts) {
-                out[i] = Some((cache, first));
-            }
-        }
-        out.into_iter()
-            .map(|p| p.ok_or_else(|| EngineError::Internal("a prompt was not prefilled".into())))
-            .collect()
-    }
-
-    /// Prompt tokens this sampler did not recompute because a stored sequence held their keys
-    /// and values.
-    pub fn reused_prompt_tokens(&self) -> usize {
-        self.prefix().reused_tokens
-    }
-
-    /// The store of finished sequences (a poisoned lock still holds consistent entries: every
-    /// change to the store is made whole before it returns).
-    fn prefix(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
-        self.prefix.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The decode loop from prefilled prompts: sequence `p·n + k` is sample `k` of prompt `p`.
     fn decode(
         &self,
@@ -369,33 +300,6 @@ impl Sampler {
         Ok(out)
     }
 
-    /// Stores the batch rows that just finished (those of `active` not in `keep`): a row holds
-    /// the keys and values of its prompt and of every sampled token but the last (which ended
-    /// it and was never fed back). Only one-completion-per-prompt calls store: their next
-    /// prompt, if any, continues that one completion.
-    fn store_finished(
-        &self,
-        prompts: &[Vec<u32>],
-        seqs: &[SampledSequence],
-        active: &[usize],
-        keep: &[u32],
-        cache: &KvCache,
-    ) -> Result<(), EngineError> {
-        let mut kept = keep.iter().peekable();
-        let mut store = self.prefix();
-        for (j, &s) in active.iter().enumerate() {
-            if kept.peek() == Some(&&(j as u32)) {
-                kept.next();
-                continue;
-            }
-            let seq = &seqs[s];
-            let mut tokens = prompts[s].clone();
-            tokens.extend(seq.tokens[..seq.tokens.len() - 1].iter().map(|&t| t as u32));
-            store.insert_row(&tokens, cache, j)?;
-        }
-        Ok(())
-    }
-
     fn run(
         &self,
         prompt: &ModelInput,
@@ -482,114 +386,6 @@ fn check_params(p: &SamplingParams) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// The `k` most likely `(token, logprob)` pairs of a row, most likely first.
-fn top_k(row: &[f32], k: usize) -> Vec<(i64, f32)> {
-    let mut idx: Vec<usize> = (0..row.len()).collect();
-    let k = k.min(row.len());
-    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| row[b].total_cmp(&row[a]));
-    idx.truncate(k);
-    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-    idx.into_iter().map(|i| (i as i64, row[i])).collect()
-}
-
-/// The next token of a row of raw logits and its logprob under the model (`log_softmax` of
-/// the raw logits, before temperature, top-k and top-p). Plain sampling (no top-k/top-p) and
-/// greedy decoding take two passes over the vocabulary and no allocation beyond one buffer.
-fn pick(row: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> (u32, f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let filtered = p.top_k > 0 || p.top_p < 1.0;
-    let mut lse = None;
-    let tok = if p.temperature == 0.0 || filtered {
-        choose(row, p, rng)
-    } else {
-        // exp((x − max)/T), then a draw by cumulative mass.
-        let inv_t = (1.0 / p.temperature) as f32;
-        let weights: Vec<f32> = row.iter().map(|&x| exp_nonpos((x - max) * inv_t)).collect();
-        let total: f64 = weights.iter().map(|&w| w as f64).sum();
-        if p.temperature == 1.0 {
-            // The same terms as the log-sum-exp of the raw logits.
-            lse = Some(max as f64 + total.ln());
-        }
-        let mut u = rng.random::<f64>() * total;
-        let mut tok = row.len() - 1;
-        for (i, &w) in weights.iter().enumerate() {
-            if u < w as f64 {
-                tok = i;
-                break;
-            }
-            u -= w as f64;
-        }
-        tok as u32
-    };
-    let lse = lse.unwrap_or_else(|| row_lse(row));
-    (tok, (row[tok as usize] as f64 - lse) as f32)
-}
-
-/// Picks the next token from raw logits: argmax at temperature 0, else a draw from
-/// `softmax(logits / T)` restricted to the top-k tokens and then to the top-p nucleus. Only
-/// the candidates top-k/top-p need are ever sorted (a full-vocabulary sort per token would
-/// cost more than the model's forward pass at small batch).
-fn choose(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
-    if p.temperature == 0.0 {
-        // First maximum wins, as torch.argmax.
-        let mut best = 0;
-        for (i, &x) in logits.iter().enumerate() {
-            if x > logits[best] {
-                best = i;
-            }
-        }
-        return best as u32;
-    }
-    let inv_t = 1.0 / p.temperature;
-    let mut cand: Vec<u32> = (0..logits.len() as u32).collect();
-    let by_logit_desc = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
-    if p.top_k > 0 && (p.top_k as usize) < cand.len() {
-        let k = p.top_k as usize;
-        cand.select_nth_unstable_by(k - 1, by_logit_desc);
-        cand.truncate(k);
-    }
-    if p.top_p < 1.0 {
-        cand.sort_unstable_by(by_logit_desc);
-    }
-    let max = cand
-        .iter()
-        .map(|&i| logits[i as usize])
-        .fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<f64> = cand
-        .iter()
-        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
-        .collect();
-    if p.top_p < 1.0 {
-        // Smallest prefix (most likely first) whose mass reaches top_p; the token crossing
-        // the threshold is kept.
-        let total: f64 = probs.iter().sum();
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (i, q) in probs.iter().enumerate() {
-            acc += q / total;
-            if acc >= p.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
-        cand.truncate(keep);
-    }
-    let total: f64 = probs.iter().sum();
-    let mut u = rng.random::<f64>() * total;
-    for (i, q) in probs.iter().enumerate() {
-        if u < *q {
-            return cand[i];
-        }
-        u -= q;
-    }
-    cand[probs.len() - 1]
-}
-
 impl SamplingClient for Sampler {
     fn sample(
         &self,
@@ -653,37 +449,5 @@ impl Sampler {
             out.extend(lp.into_iter().map(Some));
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn choose_respects_greedy_top_k_and_top_p() {
-        let logits = [0.0f32, 3.0, 2.9, -1.0];
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let greedy = SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        };
-        assert_eq!(choose(&logits, &greedy, &mut rng), 1);
-        let k2 = SamplingParams {
-            top_k: 2,
-            ..SamplingParams::default()
-        };
-        for _ in 0..200 {
-            let t = choose(&logits, &k2, &mut rng);
-            assert!(t == 1 || t == 2);
-        }
-        let p = SamplingParams {
-            top_p: 0.3,
-            ..SamplingParams::default()
-        };
-        for _ in 0..200 {
-            assert_eq!(choose(&logits, &p, &mut rng), 1);
-        }
-        assert_eq!(top_k(&logits, 2), vec![(1, 3.0), (2, 2.9)]);
     }
 }

@@ -268,3 +268,48 @@ fn a_next_turn_resumes_from_the_finished_turn_and_samples_the_same() {
         assert_eq!(fresh.reused_prompt_tokens(), 0);
     }
 }
+
+/// New conversations that open alike (a system message, tool schemas) share one prefill of
+/// their common opening; each then prefills only its own tokens, and samples what a full
+/// prefill samples.
+#[test]
+fn new_prompts_with_a_common_opening_prefill_it_once() {
+    let f = fixture("tiny-llama");
+    let mut s = f.session(true);
+    let weights = s.adapter().sampling_weights().unwrap();
+    let caching = whet_engine::Sampler::new(
+        f.model.clone(),
+        Some(weights.clone()),
+        SamplerOptions::default(),
+    );
+    let fresh = whet_engine::Sampler::new(
+        f.model.clone(),
+        Some(weights),
+        SamplerOptions {
+            prefix_cache_bytes: 0,
+            ..SamplerOptions::default()
+        },
+    );
+    let opening: Vec<i64> = (0..20).map(|t| (t * 11 + 2) % 128).collect();
+    let prompts: Vec<Vec<i64>> = [vec![5, 9], vec![7, 1, 3], vec![40, 41, 42, 43]]
+        .into_iter()
+        .map(|own| opening.iter().chain(&own).copied().collect())
+        .collect();
+    let inputs: Vec<ModelInput> = prompts.iter().cloned().map(ModelInput::from_ints).collect();
+    let greedy = SamplingParams {
+        max_tokens: Some(5),
+        temperature: 0.0,
+        stop: Some(whet_contract::Stop::Tokens(vec![])),
+        ..SamplingParams::default()
+    };
+    let shared = caching.sample_each(&inputs, &greedy).unwrap();
+    assert_eq!(caching.reused_prompt_tokens(), 3 * opening.len());
+    let full = fresh.sample_each(&inputs, &greedy).unwrap();
+    for ((prompt, a), b) in prompts.iter().zip(&shared).zip(&full) {
+        assert_eq!(a.tokens, b.tokens);
+        let d = max_abs_diff(&a.logprobs, &b.logprobs);
+        assert!(d < 1e-4, "shared opening vs full prefill differ by {d}");
+        let lp = continuation_logprobs(&mut s, prompt, &a.tokens);
+        assert!(max_abs_diff(&lp, &a.logprobs) < 1e-4);
+    }
+}
