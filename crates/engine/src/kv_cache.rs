@@ -209,6 +209,27 @@ impl CustomOp3 for DecodeAttention {
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+
+    /// On the GPU the flash forward kernel reads the cache buffers in place, as here.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::decode_attention_fwd(
+            self.keys,
+            &self.mask,
+            self.scale,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )
+    }
 }
 
 /// Attention of the one new token of each row over the cache buffers (see
