@@ -159,16 +159,18 @@ impl Sampler {
     /// Prefills one prompt: its cache and final hidden states.
     fn prefill(&self, tokens: &[u32]) -> Result<(KvCache, Tensor), EngineError> {
         let mut cache = KvCache::new(self.model.config.num_layers);
-        let hidden = self.model.forward_hidden(
+        let hidden = self.extend(&mut cache, tokens)?;
+        Ok((cache, hidden))
+    }
+
+    /// Feeds `tokens` to one sequence after what `cache` holds; their final hidden states.
+    fn extend(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Tensor, EngineError> {
+        self.model.forward_hidden(
             tokens,
-            Layout::Cached {
-                batch: 1,
-                cache: &mut cache,
-            },
+            Layout::Cached { batch: 1, cache },
             self.lora.as_ref(),
             None,
-        )?;
-        Ok((cache, hidden))
+        )
     }
 
     /// `n` completions of each prompt, all decoded as one batch (prompts of different lengths

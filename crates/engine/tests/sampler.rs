@@ -153,6 +153,29 @@ fn bf16_models_sample_what_forward_scores_and_stay_near_f32() {
     }
 }
 
+/// Two samplers on the session's adapter: one keeping finished sequences for prompts that
+/// extend them (the default), one that prefills every prompt in full.
+fn caching_and_fresh(
+    f: &Fixture,
+    s: &whet_engine::TrainingSession,
+) -> (whet_engine::Sampler, whet_engine::Sampler) {
+    let weights = s.adapter().sampling_weights().unwrap();
+    let caching = whet_engine::Sampler::new(
+        f.model.clone(),
+        Some(weights.clone()),
+        SamplerOptions::default(),
+    );
+    let fresh = whet_engine::Sampler::new(
+        f.model.clone(),
+        Some(weights),
+        SamplerOptions {
+            prefix_cache_bytes: 0,
+            ..SamplerOptions::default()
+        },
+    );
+    (caching, fresh)
+}
+
 /// `sample_each` decodes its prompts as one batch; each row gets what sampling its prompt
 /// alone with `each_seed(seed, i)` gives (the contract's default), and `forward`'s logprobs.
 #[test]
@@ -208,20 +231,7 @@ fn a_next_turn_resumes_from_the_finished_turn_and_samples_the_same() {
     ] {
         let f = fixture_in(name, precision);
         let mut s = f.session(true);
-        let weights = s.adapter().sampling_weights().unwrap();
-        let caching = whet_engine::Sampler::new(
-            f.model.clone(),
-            Some(weights.clone()),
-            SamplerOptions::default(),
-        );
-        let fresh = whet_engine::Sampler::new(
-            f.model.clone(),
-            Some(weights),
-            SamplerOptions {
-                prefix_cache_bytes: 0,
-                ..SamplerOptions::default()
-            },
-        );
+        let (caching, fresh) = caching_and_fresh(&f, &s);
         let first: Vec<Vec<i64>> = vec![
             (0..24).map(|t| (t * 7 + 3) % 128).collect(),
             (0..30).map(|t| (t * 5 + 1) % 128).collect(),
@@ -276,20 +286,7 @@ fn a_next_turn_resumes_from_the_finished_turn_and_samples_the_same() {
 fn new_prompts_with_a_common_opening_prefill_it_once() {
     let f = fixture("tiny-llama");
     let mut s = f.session(true);
-    let weights = s.adapter().sampling_weights().unwrap();
-    let caching = whet_engine::Sampler::new(
-        f.model.clone(),
-        Some(weights.clone()),
-        SamplerOptions::default(),
-    );
-    let fresh = whet_engine::Sampler::new(
-        f.model.clone(),
-        Some(weights),
-        SamplerOptions {
-            prefix_cache_bytes: 0,
-            ..SamplerOptions::default()
-        },
-    );
+    let (caching, fresh) = caching_and_fresh(&f, &s);
     let opening: Vec<i64> = (0..20).map(|t| (t * 11 + 2) % 128).collect();
     let prompts: Vec<Vec<i64>> = [vec![5, 9], vec![7, 1, 3], vec![40, 41, 42, 43]]
         .into_iter()

@@ -27,15 +27,7 @@ impl Sampler {
                 continue;
             };
             let reused = cache.len;
-            let hidden = self.model.forward_hidden(
-                &prompt[reused..],
-                Layout::Cached {
-                    batch: 1,
-                    cache: &mut cache,
-                },
-                self.lora.as_ref(),
-                None,
-            )?;
+            let hidden = self.extend(&mut cache, &prompt[reused..])?;
             let last = hidden.narrow(0, prompt.len() - reused - 1, 1)?;
             let first = self.model.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?;
             out[i] = Some((cache, first));
@@ -103,15 +95,7 @@ impl Sampler {
             return Ok(());
         }
         let mut cache = KvCache::new(self.model.config.num_layers);
-        self.model.forward_hidden(
-            &first[..shared],
-            Layout::Cached {
-                batch: 1,
-                cache: &mut cache,
-            },
-            self.lora.as_ref(),
-            None,
-        )?;
+        self.extend(&mut cache, &first[..shared])?;
         self.prefix().insert_row(&first[..shared], &cache, 0)
     }
 
