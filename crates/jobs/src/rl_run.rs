@@ -283,15 +283,17 @@ pub fn run(
     recorder.display().start(total, start);
     recorder.save()?;
     let (message, data) = if start == 0 {
+        // A world job has no prompts: its slots are the manifest's (task, seed) pairs.
+        let source = match &manifest {
+            Some(m) => format!("world {}@{} ({slots} task/seed slots)", m.name, m.version),
+            None => format!("{slots} prompts"),
+        };
         (
             format!(
-                "RL on {} with {} prompts, {total} steps of {} groups × {} rollouts",
-                spec.model,
-                prompts.len(),
-                rl.groups_per_step,
-                rl.num_rollouts
+                "RL on {} with {source}, {total} steps of {} groups × {} rollouts",
+                spec.model, rl.groups_per_step, rl.num_rollouts
             ),
-            json!({"event": "training_start", "prompts": prompts.len(), "steps": total}),
+            json!({"event": "training_start", "prompts": prompts.len(), "slots": slots, "steps": total}),
         )
     } else {
         (
