@@ -1,7 +1,8 @@
 //! Episodes against a world process (a shell script speaking the protocol of
 //! datasets/worlds/README.md), played by SmolLM2: rewards follow the manifest's policy, the episode becomes an ATIF trajectory,
 //! and a world that crashes mid-episode ends it with `error`; episodes played in lockstep play
-//! as they would alone; turn prompts extend the sampled history.
+//! as they would alone; turn prompts extend the sampled history; and one live-RL step moves
+//! the policy toward the episodes that did better.
 
 use std::path::{Path, PathBuf};
 
@@ -241,4 +242,183 @@ done
             )
         );
     }
+}
+
+/// Collects each step's rollouts as the loop trained them.
+#[derive(Default)]
+struct Trained {
+    groups: Vec<Vec<whet_rl::Rollout>>,
+    episodes: Vec<Vec<whet_rl::episode::Episode>>,
+}
+
+impl whet_rl::Observer for Trained {
+    fn on_step(&mut self, _m: &whet_rl::Metrics) -> whet_sft::Control {
+        whet_sft::Control::Continue
+    }
+    fn on_rollouts(
+        &mut self,
+        _step: usize,
+        _p: &[&whet_rl::Prompt],
+        groups: &[Vec<whet_rl::Rollout>],
+    ) {
+        self.groups.extend(groups.iter().cloned());
+    }
+    fn on_episodes(&mut self, _step: usize, episodes: &[Vec<whet_rl::episode::Episode>]) {
+        self.episodes.extend(episodes.iter().cloned());
+    }
+    fn on_checkpoint(&mut self, _c: &whet_sft::Checkpoint) {}
+}
+
+/// World runs score episodes with the world, never with a recipe.
+struct NoRecipe;
+
+impl whet_rl::Recipe for NoRecipe {
+    fn name(&self) -> &str {
+        "none"
+    }
+    fn score(
+        &self,
+        _input: &whet_rl::recipes::RewardInput<'_>,
+    ) -> Result<whet_rl::recipes::Score, whet_rl::RewardError> {
+        unreachable!("a world run scored a completion with its recipe")
+    }
+}
+
+/// The sign, end to end: one live-RL step on world episodes (two turns merged into one
+/// sequence, the outcome decided by what the policy wrote) moves the policy toward its better
+/// turns. Summed over the sampled tokens, advantage × (logprob after − logprob before) is the
+/// first-order change of the objective the step ascends, so it must be positive; and the turns
+/// with a positive advantage gain logprob against those with a negative one. A flipped sign, a
+/// mask on the wrong tokens or advantages on the world's tokens would break one or the other.
+#[test]
+fn a_world_step_moves_the_policy_toward_its_better_turns() {
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // Turn 1 always goes on; turn 2 finishes when the request line (the policy's words in it)
+    // has an even length, else fails: a reward the policy controls, and mixed at temperature 1.
+    let script = r#"n=0
+while read -r line; do
+  case "$line" in
+    *'"reset"'*) echo '{"observation": [{"role": "user", "content": "Name a colour."}], "tools": []}' ;;
+    *'"step"'*) n=$((n+1))
+      if [ "$n" -lt 2 ]; then
+        echo '{"observation": [{"role": "user", "content": "Another one."}], "reward_signals": [], "done": false}'
+      elif [ $(( ${#line} % 2 )) -eq 0 ]; then
+        echo '{"observation": [], "reward_signals": [], "done": true, "termination_reason": "finished"}'
+      else
+        echo '{"observation": [], "reward_signals": [], "done": true, "termination_reason": "failed"}'
+      fi ;;
+    *) exit 0 ;;
+  esac
+done
+"#;
+    std::fs::write(dir.path().join("world.sh"), script).unwrap();
+    let yaml =
+        "schema: 1\nname: parity-of-words\nversion: 1.0.0\nentrypoint: [\"sh\", \"world.sh\"]\n\
+                seeds: [5]\nlimits: {max_turns: 3, max_tokens_per_turn: 6, timeout_sec: 5}\n\
+                reward_policy:\n  components: {}\n  terminal: {finished: 1.0, failed: -1.0}\n";
+    std::fs::write(dir.path().join("world.yaml"), yaml).unwrap();
+    let m = Manifest::from_file(&dir.path().join("world.yaml")).unwrap();
+
+    let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let (_, model) = load_model(gguf.to_str().unwrap(), &Device::Cpu, Precision::F32).unwrap();
+    let lora = whet_lora::LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        seed: 1,
+        ..Default::default()
+    };
+    let ckpts = tempfile::tempdir().unwrap();
+    let mut session = whet_engine::TrainingSession::new(
+        model,
+        "smollm2",
+        lora,
+        ckpts.path(),
+        SamplerOptions::default(),
+    )
+    .unwrap();
+    use whet_contract::TrainingClient;
+    let before = session.sampling_client().unwrap();
+    let rl = whet_rl::RlConfig {
+        num_rollouts: 8,
+        groups_per_step: 1,
+        temperature: 1.0,
+        ..Default::default()
+    };
+    let optimizer = whet_sft::OptimizerConfig {
+        learning_rate: 1e-4,
+        ..Default::default()
+    };
+    let schedule = whet_sft::ScheduleConfig {
+        epochs: 1,
+        ..Default::default()
+    };
+    let run = whet_rl::Run {
+        prompts: &[],
+        eval: &[],
+        tokenizer: &tok,
+        recipe: &NoRecipe,
+        rl: &rl,
+        optimizer: &optimizer,
+        schedule: &schedule,
+        world: Some(whet_rl::WorldRun {
+            manifest: &m,
+            system_prompt: None,
+        }),
+    };
+    let mut trained = Trained::default();
+    let outcome = whet_rl::train(&mut session, &run, 0, &mut trained).unwrap();
+    assert_eq!(outcome.steps, 1);
+    let after = session.sampling_client().unwrap();
+
+    let rollouts: Vec<&whet_rl::Rollout> = trained.groups.iter().flatten().collect();
+    // One sequence per episode where the next prompt extends the sampled turn; a turn cut at
+    // max_tokens_per_turn is re-spelled by the template (its end-of-turn added) and starts its own.
+    assert!(rollouts.len() >= 8, "{} rollouts", rollouts.len());
+    assert!(
+        rollouts.iter().any(|r| r.token_advantages.contains(&None)),
+        "some episode's two turns went in one sequence, the world's tokens between them untrained"
+    );
+    // The expected advantage comes from the world's outcomes, not from what the step stored:
+    // no per-turn rewards here, so every sampled token's is its episode's return minus the
+    // group's mean return.
+    let returns: Vec<f64> = rollouts.iter().map(|r| r.reward.unwrap()).collect();
+    assert!(
+        returns.contains(&1.0) && returns.contains(&-1.0),
+        "a mixed group: {returns:?}"
+    );
+    let episodes = trained.episodes.iter().flatten();
+    let mean_return =
+        episodes.clone().map(|e| e.total_reward()).sum::<f64>() / episodes.count() as f64;
+    let (mut objective, mut good, mut bad) = (0.0f64, Vec::new(), Vec::new());
+    for r in &rollouts {
+        let prompt = r.prompt.as_deref().unwrap();
+        let full = whet_contract::ModelInput::from_ints([prompt, &r.tokens[..]].concat());
+        let lp_before = before.compute_logprobs(&full).unwrap();
+        let lp_after = after.compute_logprobs(&full).unwrap();
+        let adv = r.reward.unwrap() - mean_return;
+        for (j, stored) in r.token_advantages.iter().enumerate() {
+            let Some(stored) = stored else { continue };
+            assert!(
+                (stored - adv).abs() < 1e-9,
+                "advantage {stored}, expected {adv}"
+            );
+            let at = prompt.len() + j;
+            let delta = f64::from(lp_after[at].unwrap() - lp_before[at].unwrap());
+            objective += adv * delta;
+            if adv > 0.0 {
+                good.push(delta);
+            } else if adv < 0.0 {
+                bad.push(delta);
+            }
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(objective > 0.0, "Σ advantage × Δlogprob = {objective}");
+    assert!(
+        mean(&good) > mean(&bad),
+        "better turns gained {} per token, worse ones {}",
+        mean(&good),
+        mean(&bad)
+    );
 }
