@@ -10,7 +10,8 @@
 #   5. RL again: rl-continue.toml from vault-rl@0.1.0 (lr 1e-4), published as vault-rl@0.2.0;
 #      both evaluated greedily on world.yaml's 32 held-out eval_seeds along the way;
 #   6. the three policies (SFT, after 4, after 5) at temperature 1 on the training seeds (128
-#      episodes each) and on the held-out eval seeds (128 each).
+#      episodes each) and on the held-out eval seeds (128 each), kept in $WHET_HOME/rollouts/
+#      and summarised by benches/rl_world_report.py.
 # Prints the job ids and one JSON line per RL step. The home is $WHET_HOME if set, else a new
 # temporary directory (kept, so `whet jobs …` can inspect it afterwards).
 #   ./tools/get-smollm2.sh && benches/rl_world.sh
@@ -38,7 +39,8 @@ import json, sys
 for l in sys.stdin:
     r = json.loads(l)
     keep = ["step", "train/reward_mean", "worlds/success_rate", "worlds/turns_mean",
-            "worlds/tokens_per_turn", "by_group/frac_mixed", "rollouts/trained",
+            "worlds/tokens_per_turn", "worlds/reward/tool_error", "by_group/frac_mixed",
+            "rollouts/trained", "optim/entropy",
             "eval/success_rate", "eval/reward_mean", "eval/turns_mean",
             "time/sample", "time/train", "time/step"]
     print(json.dumps({k: round(r[k], 3) for k in keep if k in r}))'
@@ -60,9 +62,17 @@ s = open("datasets/worlds/vault/world.yaml").read()
 ev = re.search(r"eval_seeds: (\[.*\])", s).group(1)
 open(sys.argv[1], "w").write(re.sub(r"\nseeds: \[.*\]", "\nseeds: " + ev, s))
 PY
+mkdir -p "$WHET_HOME/rollouts"
+report=()
 for m in vault-sft@1.0.0 vault-rl@0.1.0 vault-rl@0.2.0; do
+  files=()
   for world in datasets/worlds/vault/world.yaml "$held_out"; do
+    out="$WHET_HOME/rollouts/$m-$(basename "$world" .yaml).jsonl"
     echo "$m on $world (T=1, 128 episodes): $($whet worlds rollout "$world" --model "$m" \
-      --count 128 --batch 32 --seed 7 --out "$WHET_HOME/rollout.jsonl" --json)"
+      --count 128 --batch 32 --seed 7 --out "$out" --json)"
+    files+=("$out")
   done
+  report+=("$m=${files[0]},${files[1]}")
 done
+# Success per seed set, endings, tool errors, wrong answers; each RL policy against SFT.
+python3 benches/rl_world_report.py "${report[@]}"
