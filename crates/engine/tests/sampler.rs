@@ -67,29 +67,8 @@ fn sampled_logprobs_equal_forward_logprobs() {
 fn batched_prompts_of_different_lengths_decode_like_single_ones() {
     for name in ["tiny-llama", "tiny-mistral"] {
         let f = fixture(name);
-        let mut s = f.session(true);
-        let sampler = whet_engine::Sampler::new(
-            f.model.clone(),
-            Some(s.adapter().sampling_weights().unwrap()),
-            SamplerOptions::default(),
-        );
-        let prompts: Vec<Vec<i64>> =
-            vec![vec![5, 9, 2], vec![7, 1, 3, 8, 60, 11, 4, 90, 12], vec![40]];
-        let inputs: Vec<ModelInput> = prompts.iter().cloned().map(ModelInput::from_ints).collect();
-        let params = SamplingParams {
-            max_tokens: Some(10),
-            seed: Some(3),
-            stop: Some(whet_contract::Stop::Tokens(vec![])),
-            ..SamplingParams::default()
-        };
-        let batch = sampler.sample_many(&inputs, 2, &params).unwrap();
-        for (prompt, seqs) in prompts.iter().zip(&batch) {
-            for seq in seqs {
-                let lp = continuation_logprobs(&mut s, prompt, &seq.tokens);
-                let d = max_abs_diff(&lp, &seq.logprobs);
-                assert!(d < 1e-4, "{name}: batched sampler vs forward differ by {d}");
-            }
-        }
+        let prompts = [vec![5, 9, 2], vec![7, 1, 3, 8, 60, 11, 4, 90, 12], vec![40]];
+        let (sampler, inputs, params) = batch_matches_forward(&f, &prompts, 3, 1e-4, name);
         let greedy = SamplingParams {
             temperature: 0.0,
             ..params
@@ -128,29 +107,43 @@ fn bf16_models_sample_what_forward_scores_and_stay_near_f32() {
             d > 0.0 && d < 2e-2,
             "{name}: bf16 vs f32 logprobs differ by {d}"
         );
-        let mut s = f.session(true);
-        let sampler = whet_engine::Sampler::new(
-            f.model.clone(),
-            Some(s.adapter().sampling_weights().unwrap()),
-            SamplerOptions::default(),
-        );
-        let prompts: Vec<Vec<i64>> = vec![vec![5, 9, 2], vec![7, 1, 3, 8, 60, 11, 4, 90, 12]];
-        let inputs: Vec<ModelInput> = prompts.iter().cloned().map(ModelInput::from_ints).collect();
-        let params = SamplingParams {
-            max_tokens: Some(10),
-            seed: Some(5),
-            stop: Some(whet_contract::Stop::Tokens(vec![])),
-            ..SamplingParams::default()
-        };
-        let batch = sampler.sample_many(&inputs, 2, &params).unwrap();
-        for (prompt, seqs) in prompts.iter().zip(&batch) {
-            for seq in seqs {
-                let lp = continuation_logprobs(&mut s, prompt, &seq.tokens);
-                let d = max_abs_diff(&lp, &seq.logprobs);
-                assert!(d < 5e-3, "{name}: bf16 sampler vs forward differ by {d}");
-            }
+        let prompts = [vec![5, 9, 2], vec![7, 1, 3, 8, 60, 11, 4, 90, 12]];
+        batch_matches_forward(&f, &prompts, 5, 5e-3, &format!("{name} bf16"));
+    }
+}
+
+/// Samples two continuations of each prompt as one batch (10 tokens, no stop, seed `seed`)
+/// on the fixture's adapter and holds every sampled logprob to `forward`'s within `tol`;
+/// returns the sampler, the inputs and the parameters for more checks.
+fn batch_matches_forward(
+    f: &Fixture,
+    prompts: &[Vec<i64>],
+    seed: u64,
+    tol: f32,
+    what: &str,
+) -> (whet_engine::Sampler, Vec<ModelInput>, SamplingParams) {
+    let mut s = f.session(true);
+    let sampler = whet_engine::Sampler::new(
+        f.model.clone(),
+        Some(s.adapter().sampling_weights().unwrap()),
+        SamplerOptions::default(),
+    );
+    let inputs: Vec<ModelInput> = prompts.iter().cloned().map(ModelInput::from_ints).collect();
+    let params = SamplingParams {
+        max_tokens: Some(10),
+        seed: Some(seed),
+        stop: Some(whet_contract::Stop::Tokens(vec![])),
+        ..SamplingParams::default()
+    };
+    let batch = sampler.sample_many(&inputs, 2, &params).unwrap();
+    for (prompt, seqs) in prompts.iter().zip(&batch) {
+        for seq in seqs {
+            let lp = continuation_logprobs(&mut s, prompt, &seq.tokens);
+            let d = max_abs_diff(&lp, &seq.logprobs);
+            assert!(d < tol, "{what}: batched sampler vs forward differ by {d}");
         }
     }
+    (sampler, inputs, params)
 }
 
 /// Two samplers on the session's adapter: one keeping finished sequences for prompts that
