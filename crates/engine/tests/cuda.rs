@@ -16,15 +16,14 @@
 //! the link stub on the library path).
 #![cfg(feature = "cuda")]
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+mod common;
 
 use candle_core::{Device, Tensor, Var};
-use whet_contract::{Datum, LossFn, LossFnConfig, TrainingClient};
+use common::{fixture_on, max_abs_diff, scored, values};
+use whet_contract::{LossFn, TrainingClient};
 use whet_engine::kernels::{self, AttnMask};
 use whet_engine::linear::{linear, Frozen, Precision};
-use whet_engine::{load_adapter, load_model, ops, Model, SamplerOptions, TrainingSession};
+use whet_engine::ops;
 
 /// The first GPU, or `None` (and a line saying why the test is skipped).
 fn gpu() -> Option<Device> {
@@ -322,99 +321,6 @@ fn decoding_over_a_cache_in_place_matches_cpu_attention() {
 }
 
 /// A tensor's values, flattened.
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-}
-
-/// A parity fixture of `tools/make_fixtures.py` (`tests/fixtures/NAME`): its model on a
-/// device, its PEFT adapter, datums, and what torch computed.
-struct Fixture {
-    dir: PathBuf,
-    model: Arc<Model>,
-    datums: Vec<Datum>,
-    expected: HashMap<String, Tensor>,
-    meta: serde_json::Value,
-}
-
-/// The fixture `name` with its model on `dev` at `precision`.
-fn fixture_on(name: &str, dev: &Device, precision: Precision) -> Fixture {
-    // WHET_FIXTURES: where a test binary built elsewhere finds the fixtures (the build's path
-    // is baked in; benches/gpu/device-check.sh runs one on a machine without a toolchain).
-    let root = std::env::var_os("WHET_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"));
-    let dir = root.join(name);
-    let model = load_model(dir.to_str().unwrap(), dev, precision).unwrap().1;
-    let datums = std::fs::read_to_string(dir.join("datums.jsonl"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let expected =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let meta =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    Fixture {
-        dir,
-        model,
-        datums,
-        expected,
-        meta,
-    }
-}
-
-impl Fixture {
-    /// A training session with the fixture's PEFT adapter.
-    fn session(&self) -> TrainingSession {
-        let ckpt = std::env::temp_dir().join(format!("whet-cuda-test-{}", std::process::id()));
-        let adapter = load_adapter(&self.model, &self.dir.join("adapter")).unwrap();
-        TrainingSession::with_adapter(
-            self.model.clone(),
-            "fixture",
-            adapter,
-            &ckpt,
-            SamplerOptions::default(),
-        )
-    }
-
-    /// The loss config torch used for `loss`.
-    fn loss_config(&self, loss: &str) -> LossFnConfig {
-        self.meta["loss_fn_config"][loss]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
-            .collect()
-    }
-
-    /// An expected tensor, flattened.
-    fn tensor(&self, key: &str) -> Vec<f32> {
-        values(
-            self.expected
-                .get(key)
-                .unwrap_or_else(|| panic!("fixture has no {key}")),
-        )
-    }
-}
-
-/// Per-datum logprobs of a forward pass with the fixture's adapter.
-fn scored(f: &Fixture) -> Vec<Vec<f32>> {
-    let out = f
-        .session()
-        .forward(&f.datums, LossFn::CrossEntropy, &LossFnConfig::new())
-        .unwrap();
-    out.loss_fn_outputs
-        .iter()
-        .map(|o| o["logprobs"].to_f32_vec())
-        .collect()
-}
-
 #[test]
 fn parity_fixtures_match_torch_on_the_gpu_in_f32() {
     let Some(dev) = gpu() else { return };
@@ -424,7 +330,7 @@ fn parity_fixtures_match_torch_on_the_gpu_in_f32() {
             let d = max_abs_diff(lp, &f.tensor(&format!("logprobs.adapter.{i}")));
             assert!(d < 1e-4, "{name} datum {i}: max |Δ logprob| = {d}");
         }
-        let mut s = f.session();
+        let mut s = f.session(true);
         let out = s
             .forward_backward(
                 &f.datums,

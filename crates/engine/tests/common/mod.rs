@@ -11,9 +11,13 @@ use serde_json::Value;
 use whet_contract::{Datum, LossFn, LossFnConfig, ModelInput, TrainingClient};
 use whet_engine::{load_adapter, load_model, Model, Precision, SamplerOptions, TrainingSession};
 
-/// `tests/fixtures/` of the repository.
+/// `tests/fixtures/` of the repository, or `$WHET_FIXTURES`: where a test binary built
+/// elsewhere finds them (the build's path is baked in; benches/gpu/device-check.sh runs the
+/// CUDA tests on a machine without a toolchain).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    std::env::var_os("WHET_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }
 
 /// A tiny model with its PEFT adapter, datums and what torch computed on them.
@@ -37,8 +41,13 @@ pub fn fixture(name: &str) -> Fixture {
 
 /// The fixture `name` at `precision`.
 pub fn fixture_in(name: &str, precision: Precision) -> Fixture {
+    fixture_on(name, &Device::Cpu, precision)
+}
+
+/// The fixture `name` with its model on `dev` at `precision` (torch's numbers stay on the CPU).
+pub fn fixture_on(name: &str, dev: &Device, precision: Precision) -> Fixture {
     let dir = fixtures().join(name);
-    let (_, model) = load_model(dir.to_str().unwrap(), &Device::Cpu, precision).unwrap();
+    let (_, model) = load_model(dir.to_str().unwrap(), dev, precision).unwrap();
     let datums = std::fs::read_to_string(dir.join("datums.jsonl"))
         .unwrap()
         .lines()
@@ -131,6 +140,15 @@ pub fn logprobs_of(out: &whet_contract::ForwardBackwardOutput) -> Vec<Vec<f32>> 
         .iter()
         .map(|o| o["logprobs"].to_f32_vec())
         .collect()
+}
+
+/// Per datum, the logprobs of a forward pass with the fixture's adapter.
+pub fn scored(f: &Fixture) -> Vec<Vec<f32>> {
+    let out = f
+        .session(true)
+        .forward(&f.datums, LossFn::CrossEntropy, &LossFnConfig::new())
+        .unwrap();
+    logprobs_of(&out)
 }
 
 /// `forward`'s logprobs of `tokens` following `prompt` (position i predicts token i + 1).
