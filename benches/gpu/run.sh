@@ -8,12 +8,12 @@
 # machine (driver ≥ 580, CUDA 13 runtime libraries, Python with torch + transformers + peft):
 #
 #   ./tools/get-cuda.sh && . .cuda/env.sh            # the build (see the README's CUDA section)
-#   cargo build --release -p whet-gpu-bench --features cuda
+#   cargo build --release -p whet-benches --features cuda
 #   pip install -r benches/gpu/requirements.txt
 #   benches/gpu/run.sh [--peak-tflops 989] [--batch 4] [--steps 10]
 #
 # MFU = trained tokens/s × model FLOPs per token / the GPU's peak dense bf16 FLOP/s (989 TFLOP/s
-# for an H100 or H200 SXM; --peak-tflops for others). FLOPs per token are whet-gpu-bench's
+# for an H100 or H200 SXM; --peak-tflops for others). FLOPs per token are whet-bench's
 # count (forward and input gradient of every frozen matrix, the adapters, causal attention),
 # the same figure for both sides.
 set -euo pipefail
@@ -31,8 +31,10 @@ while [[ $# -gt 0 ]]; do
     *) echo "usage: $0 [--peak-tflops T] [--batch B] [--steps S]" >&2; exit 2 ;;
   esac
 done
-bin="${CARGO_TARGET_DIR:-$root/target}/release/whet-gpu-bench"
-[[ -x "$bin" ]] || { echo "$bin missing: cargo build --release -p whet-gpu-bench --features cuda" >&2; exit 1; }
+bin="${CARGO_TARGET_DIR:-$root/target}/release/whet-bench"
+[[ -x "$bin" ]] || { echo "$bin missing: cargo build --release -p whet-benches --features cuda" >&2; exit 1; }
+# whet-bench's flags for this run (its defaults are the CPU benchmark's).
+gpu=(--device cuda --precision bf16 --json)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 python3 "$here/make_models.py" --out "$work"
@@ -51,9 +53,11 @@ print(json.dumps(out))' "$tag" | tee -a "$work/lines.jsonl"
 }
 for model in llama-3.2-1b qwen3-1.7b; do
   m="$work/$model"
-  run "$model sft whet" "$bin" sft --model "$m" --data "$work/datums.jsonl" --batch "$batch" --steps "$steps"
+  run "$model sft whet" "$bin" sft "${gpu[@]}" --model "$m" --data "$work/datums.jsonl" \
+    --batch "$batch" --steps "$steps" --warmup 2
   run "$model sft torch" python3 "$here/torch_gpu.py" sft --model "$m" --data "$work/datums.jsonl" --batch "$batch" --steps "$steps"
-  run "$model sample whet" "$bin" sample --model "$m" --prompts "$work/prompts.jsonl"
+  run "$model sample whet" "$bin" sample "${gpu[@]}" --model "$m" --prompts "$work/prompts.jsonl" \
+    --max-tokens 128
   run "$model sample torch" python3 "$here/torch_gpu.py" sample --model "$m" --prompts "$work/prompts.jsonl"
 done
 python3 - "$work/lines.jsonl" "$results" "$peak_tflops" <<'PY'

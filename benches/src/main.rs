@@ -1,22 +1,25 @@
-//! `whet-bench`: whet's side of the benchmarks that `benches/run.sh` runs side by side with
+//! `whet-bench`: whet's side of the benchmarks that `benches/run.sh` (CPU) and
+//! `benches/gpu/run.sh` (one NVIDIA GPU; build with `--features cuda`) run side by side with
 //! PyTorch + PEFT on the same model and the same token sequences.
 //!
 //! - `sft`: LoRA SFT through the Tinker contract (`forward_backward` + `optim_step`) on
-//!   pre-tokenized datums, batch by batch; reports trained tokens/s, seconds per optimizer step
-//!   and peak RSS, timed after warm-up steps.
+//!   pre-tokenized datums, batch by batch; reports trained tokens/s, seconds per optimizer step,
+//!   peak RSS and the model FLOPs per token (which the GPU report turns into MFU), timed after
+//!   warm-up steps with the device synchronised before each clock reading.
 //! - `sample`: completions of several prompts decoded as one batch; reports new tokens/s.
+//!
+//! Peak GPU memory is measured from outside, the same way for both sides (`gpu/gpu_peak.py`).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use whet_contract::{
     AdamParams, LossFn, LossFnConfig, ModelInput, SamplingParams, Stop, TrainingClient,
 };
-use whet_engine::{load_model, Precision, Sampler, SamplerOptions, TrainingSession};
+use whet_engine::{load_model, parse_device, Precision, Sampler, SamplerOptions, TrainingSession};
 use whet_lora::{LoraConfig, Target};
 
 #[derive(Parser)]
@@ -60,6 +63,9 @@ enum Cmd {
         /// Save the trained adapter (PEFT format) here afterwards.
         #[arg(long)]
         save_adapter: Option<PathBuf>,
+        /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// The base model's precision: f32 or bf16.
         #[arg(long, default_value = "f32")]
         precision: Precision,
@@ -78,6 +84,9 @@ enum Cmd {
         /// New tokens per prompt.
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
+        /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// The base model's precision: f32 or bf16.
         #[arg(long, default_value = "f32")]
         precision: Precision,
@@ -101,6 +110,29 @@ fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// Forward + input-gradient FLOPs per trained token of a LoRA step: each frozen matrix costs
+/// 2 FLOPs per weight forward and 2 more for the input gradient (no weight gradient); the
+/// adapters add 6 per LoRA weight (forward, and both gradients); causal attention over a
+/// sequence of `s` costs 2·2·(s/2)·D per head forward (scores and values, half the keys on
+/// average) and twice that backward. The embedding lookup costs nothing.
+fn flops_per_token(m: &whet_engine::Model, rank: usize, seq: usize) -> f64 {
+    let c = &m.config;
+    let frozen: usize = m
+        .site_shapes()
+        .iter()
+        .map(|s| s.in_features * s.out_features)
+        .sum::<usize>()
+        + c.vocab_size * c.hidden_size;
+    let lora: usize = m
+        .site_shapes()
+        .iter()
+        .map(|s| rank * (s.in_features + s.out_features))
+        .sum();
+    let attn_fwd =
+        4.0 * (seq as f64 / 2.0) * (c.num_heads * c.head_dim) as f64 * c.num_layers as f64;
+    4.0 * frozen as f64 + 6.0 * lora as f64 + 3.0 * attn_fwd
+}
+
 fn main() -> Result<()> {
     whet::runtime::init();
     match Cli::parse().command {
@@ -115,12 +147,15 @@ fn main() -> Result<()> {
             lr,
             token_budget,
             save_adapter,
+            device,
             precision,
             json,
         } => {
+            let dev = parse_device(&device)?;
             let datums = whet_data::read_datums_jsonl(&data)?;
             anyhow::ensure!(!datums.is_empty(), "{}: no datums", data.display());
-            let (_, m) = load_model(&model, &Device::Cpu, precision)?;
+            let (_, m) = load_model(&model, &dev, precision)?;
+            let flops = flops_per_token(&m, rank, datums[0].model_input.length());
             let cfg = LoraConfig {
                 rank,
                 alpha,
@@ -147,10 +182,12 @@ fn main() -> Result<()> {
                     .collect();
                 cursor += batch;
                 let tokens: usize = rows.iter().map(|d| d.model_input.length()).sum();
+                dev.synchronize()?;
                 let t0 = Instant::now();
                 let out =
                     session.forward_backward(&rows, LossFn::CrossEntropy, &LossFnConfig::new())?;
                 session.optim_step(&params)?;
+                dev.synchronize()?;
                 let dt = t0.elapsed().as_secs_f64();
                 let loss = out.metrics["loss:sum"] / tokens as f64;
                 eprintln!(
@@ -179,6 +216,7 @@ fn main() -> Result<()> {
                 "trained_tokens_per_s": timed_tokens as f64 / timed,
                 "s_per_step": timed / steps.max(1) as f64,
                 "peak_rss_bytes": peak_rss_bytes(),
+                "flops_per_token": flops,
                 "steps": steps,
                 "tokens": timed_tokens,
             });
@@ -188,9 +226,11 @@ fn main() -> Result<()> {
             model,
             prompts,
             max_tokens,
+            device,
             precision,
             json,
         } => {
+            let dev = parse_device(&device)?;
             let text = std::fs::read_to_string(&prompts)
                 .with_context(|| format!("reading {}", prompts.display()))?;
             let prompts: Vec<ModelInput> = text
@@ -205,7 +245,7 @@ fn main() -> Result<()> {
                     Ok(ModelInput::from_ints(tokens))
                 })
                 .collect::<Result<_>>()?;
-            let (_, m) = load_model(&model, &Device::Cpu, precision)?;
+            let (_, m) = load_model(&model, &dev, precision)?;
             let sampler = Sampler::new(m, None, SamplerOptions::default());
             let params = SamplingParams {
                 max_tokens: Some(max_tokens),
@@ -223,8 +263,10 @@ fn main() -> Result<()> {
                     ..params.clone()
                 },
             )?;
+            dev.synchronize()?;
             let t0 = Instant::now();
             let out = sampler.sample_many(&prompts, 1, &params)?;
+            dev.synchronize()?;
             let secs = t0.elapsed().as_secs_f64();
             let new_tokens: usize = out.iter().flatten().map(|s| s.tokens.len()).sum();
             let report = json!({
