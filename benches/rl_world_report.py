@@ -2,7 +2,8 @@
 """The vault chain's last measurement (benches/rl_world.sh step 6), read from the rollouts.
 
 Each argument is LABEL=TRAIN.jsonl,HELD_OUT.jsonl: one policy's `whet worlds rollout` files (ATIF
-trajectories, one per line) on the training seeds and on the held-out seeds. Prints, per policy,
+trajectories, one per line) on the training seeds and on the held-out seeds; several files of one
+set (rollouts with other `--seed`s) are joined with `+`: LABEL=a7.jsonl+a8.jsonl,b7.jsonl+b8.jsonl. Prints, per policy,
 the success rate on each seed set and on both, the mean return, the episodes' endings, tool
 errors per episode and the most common wrong submissions; then, against the first policy, the
 difference in success over both sets in standard errors and the seeds that did better or worse.
@@ -15,9 +16,12 @@ import math
 import sys
 
 
-def read(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read(paths):
+    eps = []
+    for path in paths.split("+"):
+        with open(path) as f:
+            eps += [json.loads(line) for line in f if line.strip()]
+    return eps
 
 
 def agent_steps(ep):

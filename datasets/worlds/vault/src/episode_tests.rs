@@ -233,3 +233,36 @@ fn manifest_components_match_the_emitted_signals() {
     assert_eq!(value("no_tool_call"), NO_TOOL_CALL);
     assert_eq!(value("wrong_answer"), WRONG_ANSWER);
 }
+
+/// Regression: world.yaml 1.0.0 had no terminal value for `wrong_answer`, so a wrong submit
+/// cost −0.5 in all (less than stalling with errors) instead of the README's −1.0, and live RL
+/// learned to guess. Every ending must have its terminal value, and a wrong submit must cost
+/// more than a stall after three failed calls.
+#[test]
+fn every_ending_has_a_terminal_value_and_guessing_never_pays() {
+    let manifest = include_str!("../world.yaml");
+    // The block under `terminal:`: its indented lines, up to the next top-level key.
+    let terminal: Vec<&str> = manifest
+        .split("terminal:")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with(' '))
+        .map(str::trim_start)
+        .collect();
+    let value = |key: &str| -> f64 {
+        let line = terminal
+            .iter()
+            .find(|l| l.starts_with(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("{key} not in world.yaml's terminal values"));
+        line.split(':').nth(1).unwrap().trim().parse().unwrap()
+    };
+    for reason in ["finished", "wrong_answer", "stalled", "max_steps", "error"] {
+        value(reason);
+    }
+    let wrong_submit = WRONG_ANSWER + value("wrong_answer");
+    let stall = f64::from(STALL_TURNS) * TOOL_ERROR + value("stalled");
+    assert_eq!(wrong_submit, -1.0, "the README's table");
+    assert!(wrong_submit < stall, "{wrong_submit} vs {stall}");
+}
