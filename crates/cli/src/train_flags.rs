@@ -202,6 +202,12 @@ pub struct RlFlags {
     /// Staleness bound of the async modes.
     #[arg(long)]
     max_steps_off_policy: Option<usize>,
+    /// Sampling temperature of the evals (0, the default: greedy).
+    #[arg(long)]
+    eval_temperature: Option<f64>,
+    /// Rollouts per eval prompt or world eval seed (needs --eval-temperature above 0).
+    #[arg(long)]
+    eval_num_rollouts: Option<usize>,
     /// β of a KL penalty against the base model (0: off).
     #[arg(long)]
     kl_penalty_coef: Option<f64>,
@@ -248,6 +254,8 @@ impl RlFlags {
             ("temperature", json!(self.temperature)),
             ("execution_mode", json!(self.execution_mode)),
             ("max_steps_off_policy", json!(self.max_steps_off_policy)),
+            ("eval_temperature", json!(self.eval_temperature)),
+            ("eval_num_rollouts", json!(self.eval_num_rollouts)),
             ("kl_penalty_coef", json!(self.kl_penalty_coef)),
             ("max_error_rate", json!(self.max_error_rate)),
         ]);

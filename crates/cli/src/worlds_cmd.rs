@@ -32,6 +32,9 @@ pub struct RolloutArgs {
     /// Episodes to play (the manifest's (task, seed) pairs, cycled).
     #[arg(long, default_value_t = 8)]
     count: usize,
+    /// Play the manifest's held-out `eval_seeds` (every task with each) instead of its `seeds`.
+    #[arg(long)]
+    eval_seeds: bool,
     /// Where the trajectories go (JSONL, written atomically).
     #[arg(long)]
     out: PathBuf,
@@ -73,9 +76,21 @@ fn rollout(mut a: RolloutArgs) -> Result<()> {
     let mut lines = String::new();
     let (mut successes, mut total_reward) = (0usize, 0.0);
     let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    let slots: Vec<(Value, u64)> = if a.eval_seeds {
+        manifest.eval_episodes()
+    } else {
+        let n = manifest.tasks.len() * manifest.seeds.len();
+        (0..n).map(|i| manifest.episode(i)).collect()
+    };
+    if slots.is_empty() {
+        anyhow::bail!(
+            "{}: --eval-seeds, but the manifest has no eval_seeds",
+            a.manifest.display()
+        );
+    }
     let specs: Vec<episode::EpisodeSpec> = (0..a.count)
         .map(|i| {
-            let (task, seed) = manifest.episode(i);
+            let (task, seed) = slots[i % slots.len()].clone();
             episode::EpisodeSpec {
                 task,
                 seed,

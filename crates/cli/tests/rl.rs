@@ -314,4 +314,29 @@ done
     assert!(episodes
         .iter()
         .all(|e| e["turns"].as_array().unwrap().len() == 2));
+
+    // The held-out eval seeds played on their own, as ATIF trajectories.
+    let out = tmp.path().join("held-out.jsonl");
+    let summary = json(&ok(&[
+        "worlds",
+        "rollout",
+        s(&manifest),
+        "--model",
+        s(&model),
+        "--eval-seeds",
+        "--count",
+        "2",
+        "--temperature",
+        "0",
+        "--out",
+        s(&out),
+        "--json",
+    ]));
+    assert_eq!(summary["episodes"], 2, "{summary}");
+    let seeds: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| json(l)["seed"].clone())
+        .collect();
+    assert_eq!(seeds, [7, 7], "the eval seed, cycled");
 }

@@ -72,8 +72,16 @@ pub struct RlConfig {
     /// β of a KL penalty against the base model (the adapter switched off): each sampled
     /// token's advantage loses β·(logp_policy − logp_base). 0 turns it off.
     pub kl_penalty_coef: f64,
-    /// Eval prompts scored per evaluation (greedy, one rollout each).
+    /// Eval prompts (or a world's eval seeds) scored per evaluation, at most.
     pub eval_max_rollouts: usize,
+    /// Sampling temperature of the evaluation: 0 (the default) is greedy, one rollout per eval
+    /// prompt or seed. The training temperature measures the policy RL optimises: a policy can
+    /// gain at its sampling temperature while its greedy choices stay as they were.
+    pub eval_temperature: f64,
+    /// Rollouts per eval prompt (episodes per eval seed) when `eval_temperature` is above 0.
+    /// Their sampling seeds are the same at every evaluation of a run, so successive evals
+    /// compare the policies on the same draws.
+    pub eval_num_rollouts: usize,
     /// The failure policy: a step whose share of failed rollouts (a verifier that crashed,
     /// hung or answered garbage; an episode a world error ended) is above this fails the job
     /// once the step is recorded, keeping the last checkpoint. Failures at or below it are
@@ -103,6 +111,8 @@ impl Default for RlConfig {
             weight_sync_interval: 1,
             kl_penalty_coef: 0.0,
             eval_max_rollouts: 64,
+            eval_temperature: 0.0,
+            eval_num_rollouts: 1,
             max_error_rate: 1.0,
         }
     }
@@ -131,6 +141,19 @@ impl RlConfig {
         }
         if self.max_turns == 0 {
             return Err("`rl.max_turns` must be at least 1".into());
+        }
+        if !(self.eval_temperature >= 0.0 && self.eval_temperature.is_finite()) {
+            return Err("`rl.eval_temperature` must be 0 (greedy) or more".into());
+        }
+        if self.eval_num_rollouts == 0 {
+            return Err("`rl.eval_num_rollouts` must be at least 1".into());
+        }
+        if self.eval_num_rollouts > 1 && self.eval_temperature == 0.0 {
+            return Err(
+                "`rl.eval_num_rollouts` above 1 needs `rl.eval_temperature` above 0 \
+                 (greedy rollouts of one prompt are all alike)"
+                    .into(),
+            );
         }
         if !(0.0..=1.0).contains(&self.max_error_rate) {
             return Err("`rl.max_error_rate` must be in [0, 1]".into());
@@ -226,6 +249,8 @@ mod tests {
         };
         assert!(bad(|c| c.num_rollouts = 1).contains("num_rollouts"));
         assert!(bad(|c| c.temperature = 0.0).contains("temperature"));
+        assert!(bad(|c| c.eval_num_rollouts = 4).contains("eval_temperature"));
+        assert!(bad(|c| c.eval_temperature = -1.0).contains("eval_temperature"));
         assert!(
             bad(|c| c.execution_mode = ExecutionMode::FullyAsync).contains("max_steps_off_policy")
         );

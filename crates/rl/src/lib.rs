@@ -71,8 +71,8 @@ pub enum RlError {
 /// `by_group/frac_all_good|all_bad|mixed`, `rollouts/failed`, `optim/kl_sample_train_v1|v2`,
 /// `optim/entropy`, `tokens/completion_mean`, `num_tokens`, `tokens_per_second`,
 /// `time/sample`, `time/train`; live RL adds `worlds/success_rate|turns_mean|episodes_error`
-/// and `worlds/reward/<source>`; `eval/reward_mean` when evaluated (and for a world
-/// `eval/success_rate`, `eval/turns_mean`).
+/// and `worlds/reward/<source>`; `eval/reward_mean` and `eval/rollouts` when evaluated (and for
+/// a world `eval/success_rate`, `eval/turns_mean`).
 pub type Metrics = BTreeMap<String, f64>;
 
 /// Watches a run: metrics, rollouts, checkpoints; may stop it after a step.
@@ -117,7 +117,8 @@ fn seed(run_seed: u64, step: usize, group: usize) -> u64 {
 pub struct Run<'a> {
     /// Training prompts.
     pub prompts: &'a [Prompt],
-    /// Eval prompts (scored greedily, one rollout each).
+    /// Eval prompts (scored greedily, one rollout each, unless `rl.eval_temperature` says
+    /// otherwise).
     pub eval: &'a [Prompt],
     /// Decodes completions for the recipe.
     pub tokenizer: &'a Tokenizer,
@@ -381,11 +382,21 @@ fn has_eval(run: &Run<'_>) -> bool {
     }
 }
 
-/// Greedy evaluation, at most `eval_max_rollouts` rollouts: one per eval prompt
-/// (`eval/reward_mean`), or one episode per world eval (task, seed) (`eval/reward_mean` = mean
-/// return, `eval/success_rate`, `eval/turns_mean`).
+/// The evaluation, on at most `eval_max_rollouts` eval prompts (or world eval (task, seed)
+/// pairs): greedy with one rollout each by default, or `eval_num_rollouts` each at
+/// `eval_temperature`. `eval/reward_mean` is the mean reward (a world's: the mean return), and
+/// for a world `eval/success_rate` and `eval/turns_mean`; `eval/rollouts` counts them.
+///
+/// The sampling seeds depend only on the rollout's place in the eval (the run's seed mixed
+/// with a step index training never reaches), so every eval of a run, and of another run with
+/// the same seed, draws the same random numbers: a change between two evals is the policy's.
 fn evaluate(sampler: &dyn SamplingClient, run: &Run<'_>) -> Result<Metrics, RlError> {
     let limit = run.rl.eval_max_rollouts.max(1);
+    let (temperature, k) = match run.rl.eval_temperature {
+        t if t > 0.0 => (t, run.rl.eval_num_rollouts),
+        _ => (0.0, 1),
+    };
+    let eval_seed = |j: usize| seed(run.schedule.seed, usize::MAX, j);
     let mut m = Metrics::new();
     if let Some(world) = &run.world {
         let specs: Vec<episode::EpisodeSpec> = world
@@ -393,40 +404,49 @@ fn evaluate(sampler: &dyn SamplingClient, run: &Run<'_>) -> Result<Metrics, RlEr
             .eval_episodes()
             .into_iter()
             .take(limit)
-            .map(|(task, seed)| episode::EpisodeSpec {
+            .flat_map(|(task, seed)| (0..k).map(move |_| (task.clone(), seed)))
+            .enumerate()
+            .map(|(j, (task, seed))| episode::EpisodeSpec {
                 task,
                 seed,
-                sample_seed: 0,
+                sample_seed: eval_seed(j),
             })
             .collect();
         let n = specs.len();
-        // Greedy, all in one lockstep batch.
+        // All in one lockstep batch.
         let played = episode::play_many(
             world.manifest,
             sampler,
             run.tokenizer,
             world.system_prompt,
             &specs,
-            0.0,
+            temperature,
         )?;
         let ret: f64 = played.iter().map(episode::Episode::total_reward).sum();
         let won = played.iter().filter(|e| e.success).count() as f64;
         let turns: f64 = played.iter().map(|e| e.turns.len() as f64).sum();
+        m.insert("eval/rollouts".into(), n as f64);
         let n = n.max(1) as f64;
         m.insert("eval/reward_mean".into(), ret / n);
         m.insert("eval/success_rate".into(), won / n);
         m.insert("eval/turns_mean".into(), turns / n);
         return Ok(m);
     }
-    let mut total = 0.0;
-    let mut n = 0usize;
-    for prompt in run.eval.iter().take(limit) {
-        let p = rollouts::params(run.rl.max_new_tokens, 0.0, 1.0, &run.rl.stop, 0);
-        let group = rollouts::sample_group(sampler, run.tokenizer, run.recipe, prompt, 1, &p)?;
+    let (mut total, mut n) = (0.0, 0usize);
+    for (j, prompt) in run.eval.iter().take(limit).enumerate() {
+        let p = rollouts::params(
+            run.rl.max_new_tokens,
+            temperature,
+            run.rl.top_p,
+            &run.rl.stop,
+            eval_seed(j),
+        );
+        let group = rollouts::sample_group(sampler, run.tokenizer, run.recipe, prompt, k, &p)?;
         // An eval rollout that cannot be scored counts as 0.
-        total += group.first().and_then(|r| r.reward).unwrap_or(0.0);
-        n += 1;
+        total += group.iter().map(|r| r.reward.unwrap_or(0.0)).sum::<f64>();
+        n += group.len();
     }
+    m.insert("eval/rollouts".into(), n as f64);
     m.insert("eval/reward_mean".into(), total / n.max(1) as f64);
     Ok(m)
 }

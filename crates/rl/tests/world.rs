@@ -422,3 +422,99 @@ done
         mean(&bad)
     );
 }
+
+/// Keeps the eval metrics: the initial eval's and each step's.
+#[derive(Default)]
+struct Evals(Vec<whet_rl::Metrics>);
+
+impl whet_rl::Observer for Evals {
+    fn on_step(&mut self, m: &whet_rl::Metrics) -> whet_sft::Control {
+        self.0.push(m.clone());
+        whet_sft::Control::Continue
+    }
+    fn on_checkpoint(&mut self, _c: &whet_sft::Checkpoint) {}
+    fn on_initial_eval(&mut self, m: &whet_rl::Metrics) {
+        self.0.push(m.clone());
+    }
+}
+
+/// The eval at the training temperature plays `eval_num_rollouts` episodes per eval seed, and
+/// every eval of a run draws the same random numbers: with the weights unchanged (learning
+/// rate 0) the eval after the step is the eval before it, so a change between two evals is
+/// the policy's, not the dice's.
+#[test]
+fn a_sampled_world_eval_repeats_its_draws() {
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // Finishes when the policy's words have an even length: greedy episodes of one prompt all
+    // end alike, sampled ones differ. The world ignores its seed.
+    let script = r#"while read -r line; do
+  case "$line" in
+    *'"reset"'*) echo '{"observation": [{"role": "user", "content": "Name a colour."}], "tools": []}' ;;
+    *'"step"'*) if [ $(( ${#line} % 2 )) -eq 0 ]; then r=finished; else r=failed; fi
+      echo "{\"observation\": [], \"reward_signals\": [], \"done\": true, \"termination_reason\": \"$r\"}" ;;
+    *) exit 0 ;;
+  esac
+done
+"#;
+    std::fs::write(dir.path().join("world.sh"), script).unwrap();
+    let yaml = "schema: 1\nname: parity\nversion: 1.0.0\nentrypoint: [\"sh\", \"world.sh\"]\n\
+                seeds: [5]\neval_seeds: [1, 2, 3]\n\
+                limits: {max_turns: 1, max_tokens_per_turn: 6, timeout_sec: 5}\n\
+                reward_policy:\n  components: {}\n  terminal: {finished: 1.0, failed: -1.0}\n";
+    std::fs::write(dir.path().join("world.yaml"), yaml).unwrap();
+    let m = Manifest::from_file(&dir.path().join("world.yaml")).unwrap();
+    let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let (_, model) = load_model(gguf.to_str().unwrap(), &Device::Cpu, Precision::F32).unwrap();
+    let ckpts = tempfile::tempdir().unwrap();
+    let mut session = whet_engine::TrainingSession::new(
+        model,
+        "smollm2",
+        whet_lora::LoraConfig::default(),
+        ckpts.path(),
+        SamplerOptions::default(),
+    )
+    .unwrap();
+    let rl = whet_rl::RlConfig {
+        num_rollouts: 2,
+        groups_per_step: 1,
+        eval_temperature: 1.0,
+        eval_num_rollouts: 4,
+        ..Default::default()
+    };
+    let optimizer = whet_sft::OptimizerConfig {
+        learning_rate: 0.0,
+        ..Default::default()
+    };
+    let schedule = whet_sft::ScheduleConfig {
+        epochs: 1,
+        ..Default::default()
+    };
+    let run = whet_rl::Run {
+        prompts: &[],
+        eval: &[],
+        tokenizer: &tok,
+        recipe: &NoRecipe,
+        rl: &rl,
+        optimizer: &optimizer,
+        schedule: &schedule,
+        world: Some(whet_rl::WorldRun {
+            manifest: &m,
+            system_prompt: None,
+        }),
+    };
+    let mut evals = Evals::default();
+    whet_rl::train(&mut session, &run, 0, &mut evals).unwrap();
+    let [before, after] = &evals.0[..] else {
+        panic!("an initial eval and one step: {:?}", evals.0)
+    };
+    assert_eq!(before["eval/rollouts"], 12.0, "4 episodes × 3 eval seeds");
+    let success = before["eval/success_rate"];
+    assert!(
+        success > 0.0 && success < 1.0,
+        "sampled episodes of one prompt differ: success {success}"
+    );
+    for key in ["eval/rollouts", "eval/success_rate", "eval/reward_mean"] {
+        assert_eq!(before[key], after[key], "{key}");
+    }
+}
