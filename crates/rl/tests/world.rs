@@ -30,13 +30,25 @@ fn tokenizer() -> Option<whet_data::Tokenizer> {
     Some(whet_data::Tokenizer::from_model_path(&p).unwrap())
 }
 
-fn manifest(dir: &Path, script: &str) -> Manifest {
+/// A world in `dir`: `script` run by `sh`, and a manifest named `name` whose seeds, limits and
+/// reward policy are `rest` (YAML).
+fn world_in(dir: &Path, name: &str, script: &str, rest: &str) -> Manifest {
     std::fs::write(dir.join("world.sh"), script).unwrap();
-    let yaml = "schema: 1\nname: two-turns\nversion: 1.0.0\nentrypoint: [\"sh\", \"world.sh\"]\n\
-                seeds: [5]\nlimits: {max_turns: 3, max_tokens_per_turn: 4, timeout_sec: 5}\n\
-                reward_policy:\n  components: {tool_observation: 0.02}\n  terminal: {finished: 1.0, error: -1.0}\n";
+    let yaml = format!(
+        "schema: 1\nname: {name}\nversion: 1.0.0\nentrypoint: [\"sh\", \"world.sh\"]\n{rest}"
+    );
     std::fs::write(dir.join("world.yaml"), yaml).unwrap();
     Manifest::from_file(&dir.join("world.yaml")).unwrap()
+}
+
+fn manifest(dir: &Path, script: &str) -> Manifest {
+    world_in(
+        dir,
+        "two-turns",
+        script,
+        "seeds: [5]\nlimits: {max_turns: 3, max_tokens_per_turn: 4, timeout_sec: 5}\n\
+         reward_policy:\n  components: {tool_observation: 0.02}\n  terminal: {finished: 1.0, error: -1.0}\n",
+    )
 }
 
 /// Answers reset, then a first step (not done), then finishes on the second.
@@ -244,6 +256,58 @@ done
     }
 }
 
+/// One epoch of live RL in the world of `m` from SmolLM2 with a new adapter (`lora`) at
+/// learning rate `lr`; returns samplers of the weights before and after.
+fn train_in_world(
+    tok: &whet_data::Tokenizer,
+    m: &Manifest,
+    rl: &whet_rl::RlConfig,
+    lora: whet_lora::LoraConfig,
+    lr: f64,
+    observer: &mut dyn whet_rl::Observer,
+) -> (
+    Box<dyn whet_contract::SamplingClient>,
+    Box<dyn whet_contract::SamplingClient>,
+) {
+    use whet_contract::TrainingClient;
+    let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let (_, model) = load_model(gguf.to_str().unwrap(), &Device::Cpu, Precision::F32).unwrap();
+    let ckpts = tempfile::tempdir().unwrap();
+    let mut session = whet_engine::TrainingSession::new(
+        model,
+        "smollm2",
+        lora,
+        ckpts.path(),
+        SamplerOptions::default(),
+    )
+    .unwrap();
+    let before = session.sampling_client().unwrap();
+    let optimizer = whet_sft::OptimizerConfig {
+        learning_rate: lr,
+        ..Default::default()
+    };
+    let schedule = whet_sft::ScheduleConfig {
+        epochs: 1,
+        ..Default::default()
+    };
+    let run = whet_rl::Run {
+        prompts: &[],
+        eval: &[],
+        tokenizer: tok,
+        recipe: &NoRecipe,
+        rl,
+        optimizer: &optimizer,
+        schedule: &schedule,
+        world: Some(whet_rl::WorldRun {
+            manifest: m,
+            system_prompt: None,
+        }),
+    };
+    let outcome = whet_rl::train(&mut session, &run, 0, observer).unwrap();
+    assert_eq!(outcome.steps, 1, "one slot, one epoch: one step");
+    (before, session.sampling_client().unwrap())
+}
+
 /// Collects each step's rollouts as the loop trained them.
 #[derive(Default)]
 struct Trained {
@@ -312,64 +376,27 @@ while read -r line; do
   esac
 done
 "#;
-    std::fs::write(dir.path().join("world.sh"), script).unwrap();
-    let yaml =
-        "schema: 1\nname: parity-of-words\nversion: 1.0.0\nentrypoint: [\"sh\", \"world.sh\"]\n\
-                seeds: [5]\nlimits: {max_turns: 3, max_tokens_per_turn: 6, timeout_sec: 5}\n\
-                reward_policy:\n  components: {}\n  terminal: {finished: 1.0, failed: -1.0}\n";
-    std::fs::write(dir.path().join("world.yaml"), yaml).unwrap();
-    let m = Manifest::from_file(&dir.path().join("world.yaml")).unwrap();
-
-    let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let (_, model) = load_model(gguf.to_str().unwrap(), &Device::Cpu, Precision::F32).unwrap();
-    let lora = whet_lora::LoraConfig {
-        rank: 8,
-        alpha: 16.0,
-        seed: 1,
-        ..Default::default()
-    };
-    let ckpts = tempfile::tempdir().unwrap();
-    let mut session = whet_engine::TrainingSession::new(
-        model,
-        "smollm2",
-        lora,
-        ckpts.path(),
-        SamplerOptions::default(),
-    )
-    .unwrap();
-    use whet_contract::TrainingClient;
-    let before = session.sampling_client().unwrap();
+    let m = world_in(
+        dir.path(),
+        "parity-of-words",
+        script,
+        "seeds: [5]\nlimits: {max_turns: 3, max_tokens_per_turn: 6, timeout_sec: 5}\n\
+         reward_policy:\n  components: {}\n  terminal: {finished: 1.0, failed: -1.0}\n",
+    );
     let rl = whet_rl::RlConfig {
         num_rollouts: 8,
         groups_per_step: 1,
         temperature: 1.0,
         ..Default::default()
     };
-    let optimizer = whet_sft::OptimizerConfig {
-        learning_rate: 1e-4,
+    let lora = whet_lora::LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        seed: 1,
         ..Default::default()
-    };
-    let schedule = whet_sft::ScheduleConfig {
-        epochs: 1,
-        ..Default::default()
-    };
-    let run = whet_rl::Run {
-        prompts: &[],
-        eval: &[],
-        tokenizer: &tok,
-        recipe: &NoRecipe,
-        rl: &rl,
-        optimizer: &optimizer,
-        schedule: &schedule,
-        world: Some(whet_rl::WorldRun {
-            manifest: &m,
-            system_prompt: None,
-        }),
     };
     let mut trained = Trained::default();
-    let outcome = whet_rl::train(&mut session, &run, 0, &mut trained).unwrap();
-    assert_eq!(outcome.steps, 1);
-    let after = session.sampling_client().unwrap();
+    let (before, after) = train_in_world(&tok, &m, &rl, lora, 1e-4, &mut trained);
 
     let rollouts: Vec<&whet_rl::Rollout> = trained.groups.iter().flatten().collect();
     // One sequence per episode where the next prompt extends the sampled turn; a turn cut at
@@ -457,24 +484,14 @@ fn a_sampled_world_eval_repeats_its_draws() {
   esac
 done
 "#;
-    std::fs::write(dir.path().join("world.sh"), script).unwrap();
-    let yaml = "schema: 1\nname: parity\nversion: 1.0.0\nentrypoint: [\"sh\", \"world.sh\"]\n\
-                seeds: [5]\neval_seeds: [1, 2, 3]\n\
-                limits: {max_turns: 1, max_tokens_per_turn: 6, timeout_sec: 5}\n\
-                reward_policy:\n  components: {}\n  terminal: {finished: 1.0, failed: -1.0}\n";
-    std::fs::write(dir.path().join("world.yaml"), yaml).unwrap();
-    let m = Manifest::from_file(&dir.path().join("world.yaml")).unwrap();
-    let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let (_, model) = load_model(gguf.to_str().unwrap(), &Device::Cpu, Precision::F32).unwrap();
-    let ckpts = tempfile::tempdir().unwrap();
-    let mut session = whet_engine::TrainingSession::new(
-        model,
-        "smollm2",
-        whet_lora::LoraConfig::default(),
-        ckpts.path(),
-        SamplerOptions::default(),
-    )
-    .unwrap();
+    let m = world_in(
+        dir.path(),
+        "parity",
+        script,
+        "seeds: [5]\neval_seeds: [1, 2, 3]\n\
+         limits: {max_turns: 1, max_tokens_per_turn: 6, timeout_sec: 5}\n\
+         reward_policy:\n  components: {}\n  terminal: {finished: 1.0, failed: -1.0}\n",
+    );
     let rl = whet_rl::RlConfig {
         num_rollouts: 2,
         groups_per_step: 1,
@@ -482,29 +499,15 @@ done
         eval_num_rollouts: 4,
         ..Default::default()
     };
-    let optimizer = whet_sft::OptimizerConfig {
-        learning_rate: 0.0,
-        ..Default::default()
-    };
-    let schedule = whet_sft::ScheduleConfig {
-        epochs: 1,
-        ..Default::default()
-    };
-    let run = whet_rl::Run {
-        prompts: &[],
-        eval: &[],
-        tokenizer: &tok,
-        recipe: &NoRecipe,
-        rl: &rl,
-        optimizer: &optimizer,
-        schedule: &schedule,
-        world: Some(whet_rl::WorldRun {
-            manifest: &m,
-            system_prompt: None,
-        }),
-    };
     let mut evals = Evals::default();
-    whet_rl::train(&mut session, &run, 0, &mut evals).unwrap();
+    train_in_world(
+        &tok,
+        &m,
+        &rl,
+        whet_lora::LoraConfig::default(),
+        0.0,
+        &mut evals,
+    );
     let [before, after] = &evals.0[..] else {
         panic!("an initial eval and one step: {:?}", evals.0)
     };
